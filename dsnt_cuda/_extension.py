@@ -1,0 +1,35 @@
+"""Loads the compiled extension `dsnt_cuda._C` if it was built; the package works without it."""
+
+import torch
+
+import importlib.util
+
+_C = None
+LOAD_ERROR = None
+if importlib.util.find_spec("dsnt_cuda._C") is None:
+    LOAD_ERROR = "dsnt_cuda._C is not built (pip install --no-build-isolation . or make build)"
+else:
+    try:
+        from dsnt_cuda import _C  # noqa: F401  (importing registers the torch.ops.dsnt_cuda ops)
+    except ImportError as error:  # built against another torch, missing symbols, ...
+        LOAD_ERROR = f"dsnt_cuda._C failed to load: {error}"
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: torch / CUDA versions and GPU architectures."""
+    if _C is None:
+        return {"extension": False, "error": str(LOAD_ERROR)}
+    info = dict(_C.build_info())
+    info["extension"] = True
+    return info
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether torch.ops.dsnt_cuda.<op_name> has a kernel registered for dispatch_key."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsnt_cuda::{op_name}", dispatch_key)

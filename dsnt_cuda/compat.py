@@ -1,0 +1,152 @@
+"""Drop-in replacements for dsntnn 0.5.3: same names, signatures, conventions and values.
+
+The transforms (`dsnt`/`soft_argmax`, `kl_reg_losses`, `js_reg_losses`, `variance_reg_losses`)
+go through the backend in force (`dsnt_cuda.set_backend`), so swapping `import dsntnn` for
+`import dsnt_cuda as dsntnn` runs the fused kernels. Intentional differences from dsntnn, all
+fixes of defects, are listed in the README ("Differences from dsntnn").
+"""
+
+import numpy as np
+import torch
+
+from dsnt_cuda import reference
+from dsnt_cuda._validation import check_heatmaps, check_points, check_positive_number
+from dsnt_cuda.dispatch import dsnt_core
+
+normalized_linspace = reference.normalized_linspace
+
+
+def flat_softmax(inp):
+    """Softmax over all but the first two dims (works for non-contiguous input, unlike dsntnn)."""
+    check_heatmaps(inp, "inp")
+    flat = inp.reshape(*inp.shape[:2], -1)
+    return torch.softmax(flat, dim=-1).view(inp.shape)
+
+
+def linear_expectation(probs, values):
+    """Expectation of `values` (one 1-D tensor per spatial axis, tensor order) under `probs`.
+
+    Returns (B, L, n) in tensor order (dsntnn's convention; `dsnt` flips it to x, y, z).
+    """
+    check_heatmaps(probs, "probs")
+    if len(values) != probs.dim() - 2:
+        raise ValueError(f"expected {probs.dim() - 2} value vectors (one per spatial axis), got {len(values)}")
+    per_axis = []
+    for k, (marginal, v) in enumerate(zip(reference.marginals(probs), values)):
+        if v.shape[-1] != marginal.shape[-1]:
+            raise ValueError(f"values[{k}] has {v.shape[-1]} entries for an axis of {marginal.shape[-1]}")
+        per_axis.append((marginal * v).sum(-1))
+    return torch.stack(per_axis, dim=-1)
+
+
+def soft_argmax(heatmaps, normalized_coordinates=True):
+    """Expected (x, y[, z]) coordinates of each heatmap, (B, L, n); float32 for half heatmaps."""
+    check_heatmaps(heatmaps)
+    coords, _, _ = dsnt_core(heatmaps, None, "none", 1.0, normalized_coordinates, "none", 1.0)
+    return coords
+
+
+def dsnt(heatmaps, **kwargs):
+    """Differentiable spatial to numerical transform: `soft_argmax` of the heatmaps."""
+    return soft_argmax(heatmaps, **kwargs)
+
+
+def _check_same_size(actual, target):
+    if actual.shape != target.shape:
+        raise ValueError(f"input tensors must have the same size, got {tuple(actual.shape)} and "
+                         f"{tuple(target.shape)}")
+
+
+def euclidean_losses(actual, target):
+    """Euclidean distance per point, (B, L)."""
+    _check_same_size(actual, target)
+    return reference.euclidean_losses(actual, target)
+
+
+def l1_losses(actual, target):
+    """Mean absolute error over the coordinate axes per point, (B, L)."""
+    _check_same_size(actual, target)
+    return reference.l1_losses(actual, target)
+
+
+def mse_losses(actual, target):
+    """Mean squared error over the coordinate axes per point, (B, L)."""
+    _check_same_size(actual, target)
+    return reference.mse_losses(actual, target)
+
+
+def make_gauss(means, size, sigma, normalize=True):
+    """Gaussians at `means` ((..., n), normalized units, x-first) on maps of `size` ((..., H, W)),
+    standard deviation `sigma` in pixels; differentiable with respect to `means`."""
+    if not isinstance(means, torch.Tensor) or not means.is_floating_point():
+        raise TypeError("means must be a floating-point torch.Tensor")
+    size = [int(s) for s in size]
+    if means.shape[-1] != len(size):
+        raise ValueError(f"means has {means.shape[-1]} coordinates per point for a {len(size)}-D size")
+    if any(s <= 0 for s in size):
+        raise ValueError(f"size must be positive, got {size}")
+    sigma = check_positive_number("sigma", sigma)
+    return reference.gaussian_heatmaps(means, size, sigma, normalize)
+
+
+def average_loss(losses, mask=None):
+    """Mean of per-point losses; with a (B, L) mask, sum(losses * mask) / max(sum(mask), 1)."""
+    if mask is not None and mask.shape != losses.shape:
+        raise ValueError(f"mask must be the same size as losses: {tuple(mask.shape)} vs {tuple(losses.shape)}")
+    return reference.average_loss(losses, mask)
+
+
+def _reg_losses(heatmaps, mu_t, sigma_t, reg):
+    check_heatmaps(heatmaps)
+    if mu_t is not None:
+        check_points(mu_t, heatmaps, "mu_t")
+    sigma_t = check_positive_number("sigma_t", sigma_t)
+    _, _, losses = dsnt_core(heatmaps, mu_t, "none", 1.0, True, reg, sigma_t)
+    return losses
+
+
+def kl_reg_losses(heatmaps, mu_t, sigma_t):
+    """KL(heatmap || Gaussian(mu_t, sigma_t px)) per map, (B, L). No NaN for float16 heatmaps."""
+    return _reg_losses(heatmaps, mu_t, sigma_t, "kl")
+
+
+def js_reg_losses(heatmaps, mu_t, sigma_t):
+    """Jensen-Shannon divergence to Gaussian(mu_t, sigma_t px) per map, (B, L)."""
+    return _reg_losses(heatmaps, mu_t, sigma_t, "js")
+
+
+def variance_reg_losses(heatmaps, sigma_t):
+    """sum_k (Var_k in pixel² - sigma_t²)² per map, (B, L) (dsntnn's pixel-unit version)."""
+    return _reg_losses(heatmaps, None, sigma_t, "var")
+
+
+def _size_xyz(coords, size):
+    """`size` ((..., H, W) order) reversed to (W, H, ...) to match x-first coordinates."""
+    if torch.is_tensor(coords):
+        return coords.new_tensor(list(size)).flip(-1)
+    return np.asarray(size, dtype=np.float64)[::-1]
+
+
+def normalized_to_pixel_coordinates(coords, size):
+    """Normalized (x, y, ...) -> pixel coordinates; `size` is (..., H, W). Tensors or numpy."""
+    return 0.5 * ((coords + 1) * _size_xyz(coords, size) - 1)
+
+
+def pixel_to_normalized_coordinates(coords, size):
+    """Pixel (x, y, ...) -> normalized coordinates; `size` is (..., H, W). Tensors or numpy."""
+    return ((2 * coords + 1) / _size_xyz(coords, size)) - 1
+
+
+def sharpen_heatmaps(heatmaps, alpha):
+    """heatmaps ** alpha renormalized per map (dsntnn's master version, fixed for B*L > 1).
+
+    `alpha > 1` sharpens (e.g. Romero et al.'s mode approximation:
+    `soft_argmax(sharpen_heatmaps(h, alpha=6))`). A map whose powered sum is 0 becomes uniform.
+    """
+    check_heatmaps(heatmaps)
+    powered = heatmaps**alpha
+    total = powered.sum(dim=tuple(range(2, heatmaps.dim())), keepdim=True)
+    is_zero = total == 0
+    safe_total = torch.where(is_zero, torch.ones_like(total), total)
+    uniform = torch.full_like(powered, 1.0 / powered[0, 0].numel()) if powered.numel() else powered
+    return torch.where(is_zero, uniform, powered / safe_total)
