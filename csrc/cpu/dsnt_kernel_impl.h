@@ -1,0 +1,792 @@
+// The CPU kernels of dsnt_fwd / dsnt_bwd, one map at a time (csrc/OPS.md, shared/DESIGN.md §1-2).
+//
+// Included by exactly one translation unit per instruction set, after it has chosen the
+// at::vec capability (CPU_CAPABILITY / CPU_CAPABILITY_AVX2) and defined DSNT_CPU_NS, the
+// namespace that keeps each build's symbols apart. Vec<T> is at::vec::Vectorized<T>: 8 floats or
+// 4 doubles with AVX2 (Sleef's 1-ulp log, at::vec's inline exp), a plain array otherwise.
+//
+// Passes over one map (it stays in L1/L2 between them; only the first reads memory):
+//   forward:  [softmax: max] -> e = exp / rectify, x-marginal and row sums -> [js/kl: divergence]
+//   backward: [js/kl: p, dDiv/dp, sum p dDiv/dp, target-gradient marginals] -> dLoss/dz
+// Nothing of map size is kept between forward and backward: stats = [shift, denom] per map.
+//
+// Layout: a map of N = len0 * len1 * len2 values is len1 * len2 contiguous rows of len0 (x)
+// values. Every per-element loop walks rows with full vectors plus one masked partial vector, so
+// the same code handles 1-pixel axes and odd widths. The separable structure does the rest:
+// - forward sums the (unnormalized) map into its x-marginal (a vector add per row) and its
+//   row sums (then the y / z marginals); coordinates and variances come from the marginals in
+//   O(sum S_k), the variance two-pass about the mean (never E[u^2] - E[u]^2);
+// - the Gaussian target is q_i = gx(x) * row_factor(y, z): O(sum S_k) per map, never a map;
+// - backward's dLoss/dp_i is a per-axis function of the index except for the divergence term,
+//   so the coordinate and variance parts cost one add per element.
+// Accumulation type T: double for float64 logits, float otherwise (half is widened on load).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/dsnt_cpu.h"
+
+#ifndef DSNT_CPU_NS
+#error "define DSNT_CPU_NS before including dsnt_kernel_impl.h"
+#endif
+
+namespace dsnt_cuda::cpu::DSNT_CPU_NS {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// ----------------------------------------------------------------------------------------------
+// Vector helpers
+// ----------------------------------------------------------------------------------------------
+
+// `count` (1..size) values from p; the other lanes hold `fill` (the neutral element of whatever
+// the caller reduces), so partial vectors need no scalar tail code.
+template <typename T>
+inline Vec<T> load_part(const T* p, int64_t count, T fill) {
+  if (count == Vec<T>::size()) return Vec<T>::loadu(p);
+  return Vec<T>::set(Vec<T>(fill), Vec<T>::loadu(p, count), count);
+}
+
+template <typename T>
+inline Vec<T> zero_tail(const Vec<T>& v, int64_t count) {
+  if (count == Vec<T>::size()) return v;
+  return Vec<T>::set(Vec<T>(T(0)), v, count);
+}
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int i = 0; i < Vec<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Largest lane; NaN if any lane is NaN (a NaN logit must poison its map, not be skipped).
+template <typename T>
+inline T hmax(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 0; i < Vec<T>::size(); ++i) {
+    if (std::isnan(lanes[i])) return lanes[i];
+    m = std::max(m, lanes[i]);
+  }
+  return m;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Per-element maps z -> unnormalized probability e (p = e * inv_denom)
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct SoftmaxExp {  // e = exp(beta z - shift), shift = max(beta z): every e <= 1, no overflow
+  T beta, shift;
+  // at::vec's inline polynomial exp (~20 ulp in float, i.e. 1e-6 relative on p, well inside what
+  // float accumulation of a map gives; std exp for double). It maps NaN to a number, so callers
+  // run it only on maps with a finite shift (a NaN or +inf logit, or an all -inf map, gives a
+  // non-finite shift and is handled as a NaN map before any exp).
+  Vec<T> operator()(const Vec<T>& z) const {
+    return (z * Vec<T>(beta) - Vec<T>(shift)).exp_u20();
+  }
+};
+
+template <typename T>
+struct Rectify {  // abs / relu / sigmoid of dsnt_math.h's rectify(), vectorized
+  Normalization mode;
+  Vec<T> operator()(const Vec<T>& z) const {
+    switch (mode) {
+      case Normalization::Abs:
+        return z.abs();
+      case Normalization::Relu:
+        return at::vec::maximum(z, Vec<T>(T(0)));  // keeps NaN
+      default:  // sigmoid: 1/(1+exp(-z)) is 0 at z = -inf (exp overflows to inf) and 1 at +inf
+        return Vec<T>(T(1)) / (Vec<T>(T(1)) + z.neg().exp());
+    }
+  }
+  // r'(z) with autograd's conventions at the kinks (dsnt_math.h's rectify_grad).
+  Vec<T> grad(const Vec<T>& z) const {
+    switch (mode) {
+      case Normalization::Abs:
+        return z.gt(Vec<T>(T(0))) - z.lt(Vec<T>(T(0)));
+      case Normalization::Relu:
+        return z.gt(Vec<T>(T(0)));
+      default: {
+        const Vec<T> s = (*this)(z);
+        return s * (Vec<T>(T(1)) - s);
+      }
+    }
+  }
+};
+
+template <typename T>
+struct Identity {
+  Vec<T> operator()(const Vec<T>& z) const { return z; }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Divergence terms: vectorized dsnt_math.h kl_term / js_term (same formulas, eps = 1e-24 added
+// in the accumulation type, where it is a normal number: p = q = 0 gives 0 * (log eps - log eps)
+// = 0, never 0 * log 0).
+//
+// Logarithms dominate the cost, so in float the kernels avoid most of them without changing a
+// result beyond float rounding. fl(x + eps) == x once x >= kBandHi (eps is below half an ulp of
+// x), and fl(x + eps) == eps once x <= kBandLo; only x in between needs log(x + eps) itself.
+// Outside that band
+//   log(p + eps) = max(beta z - shift - log(denom), log eps)   (softmax: p = exp(..) / denom)
+//   log(q + eps) = max(log gx + log gy + log gz - log(prod G + eps), log eps)
+// where log g_k = -(v - mu)^2 / (2 s^2) is known without a log. A vector takes the real log only
+// if one of its lanes lies in the band. JS's third log, log(m + eps) with m = (p + q)/2, is
+// log(max(p, q)) - ln 2 up to float rounding wherever min(p, q) <= 2^-25 max(p, q), and log eps
+// where m is below the band: only where p and q overlap (near the target) is it computed. So a
+// float JS costs a few logs per map instead of three per element.
+// float64 always takes the real logs (its band is far wider, and it is the gradcheck dtype).
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct DivVec {
+  Vec<T> value, d_p, d_q;
+};
+
+template <typename T>
+struct LogBand {
+  // Below half an ulp: eps < x * 2^-25 for float. kBandLo: x + eps rounds to eps.
+  static constexpr T kBandHi = T(1e-24) * T(33554432.0);      // 2^25 eps ~ 3.4e-17
+  static constexpr T kBandLo = T(1e-24) / T(33554432.0);      // eps / 2^25
+};
+
+// log(x + eps) from a cheap candidate `fast_log` (= log x whenever x >= kBandHi).
+template <typename T>
+inline Vec<T> log_eps_from(const Vec<T>& x, const Vec<T>& fast_log) {
+  const Vec<T> log_eps(std::log(div_eps<T>()));
+  Vec<T> result = at::vec::maximum(fast_log, log_eps);
+  const Vec<T> band = (x < Vec<T>(LogBand<T>::kBandHi)) & (x > Vec<T>(LogBand<T>::kBandLo));
+  if (band.zero_mask() != (1 << Vec<T>::size()) - 1) {
+    result = Vec<T>::blendv(result, (x + Vec<T>(div_eps<T>())).log(), band);
+  }
+  return result;
+}
+
+// log(m + eps) for m = (p + q)/2, given lp, lq (see above); exact logs unless fast.
+template <typename T>
+inline Vec<T> log_mid(const Vec<T>& p, const Vec<T>& q, const Vec<T>& m, const Vec<T>& lp,
+                      const Vec<T>& lq, bool fast) {
+  const Vec<T> eps(div_eps<T>());
+  if (!fast) return (m + eps).log();
+  const Vec<T> lo = at::vec::minimum(p, q), hi = at::vec::maximum(p, q);
+  const Vec<T> log_eps(std::log(div_eps<T>()));
+  Vec<T> result =
+      at::vec::maximum(at::vec::maximum(lp, lq) - Vec<T>(T(0.69314718055994530942)), log_eps);
+  const Vec<T> exact = (lo > hi * Vec<T>(T(1.0 / 33554432.0))) |
+                       ((m < Vec<T>(LogBand<T>::kBandHi)) & (m > Vec<T>(LogBand<T>::kBandLo)));
+  if (exact.zero_mask() != (1 << Vec<T>::size()) - 1) {
+    result = Vec<T>::blendv(result, (m + eps).log(), exact);
+  }
+  return result;
+}
+
+// x / (x + eps): exactly 1 above the band, x / eps below it (fast), else the division.
+template <typename T>
+inline Vec<T> eps_ratio(const Vec<T>& x, bool fast) {
+  const Vec<T> eps(div_eps<T>());
+  if (!fast) return x / (x + eps);
+  Vec<T> result = Vec<T>::blendv(x * Vec<T>(T(1) / div_eps<T>()), Vec<T>(T(1)),
+                                 x >= Vec<T>(LogBand<T>::kBandHi));  // NaN stays NaN
+  const Vec<T> band = (x < Vec<T>(LogBand<T>::kBandHi)) & (x > Vec<T>(LogBand<T>::kBandLo));
+  if (band.zero_mask() != (1 << Vec<T>::size()) - 1) {
+    result = Vec<T>::blendv(result, x / (x + eps), band);
+  }
+  return result;
+}
+
+// Divergence summand and its partials from p, q and their logs lp = log(p + eps),
+// lq = log(q + eps). d_q is only formed when asked (the target gradient).
+template <typename T>
+inline DivVec<T> divergence(const Vec<T>& p, const Vec<T>& q, const Vec<T>& lp, const Vec<T>& lq,
+                            Regularizer reg, bool grads, bool want_dq, bool fast_lm) {
+  const Vec<T> eps(div_eps<T>());
+  const Vec<T> half(T(0.5));
+  DivVec<T> r;
+  if (reg == Regularizer::KL) {
+    const Vec<T> lr = lp - lq;
+    r.value = p * lr;
+    if (grads) r.d_p = lr + eps_ratio(p, fast_lm);
+    if (want_dq) r.d_q = (p / (q + eps)).neg();
+    return r;
+  }
+  const Vec<T> m = half * (p + q);
+  const Vec<T> lm = log_mid(p, q, m, lp, lq, fast_lm);
+  r.value = half * (p * (lp - lm) + q * (lq - lm));
+  if (grads) {
+    const Vec<T> m_ratio = eps_ratio(m, fast_lm);
+    r.d_p = half * (lp - lm + eps_ratio(p, fast_lm) - m_ratio);
+    if (want_dq) r.d_q = half * (lq - lm + eps_ratio(q, fast_lm) - m_ratio);
+  }
+  return r;
+}
+
+// What a divergence pass needs to know to form p, lp and lq per element.
+template <typename T>
+struct DivPass {
+  Regularizer reg;
+  bool fast_lp;  // float softmax: lp from the logits (see above)
+  bool fast_lq;  // float: lq from the separable log-Gaussian
+  T beta, shift, log_denom;
+};
+
+template <typename T>
+inline void divergence_logs(const DivPass<T>& c, const Vec<T>& z, const Vec<T>& p,
+                            const Vec<T>& q, const Vec<T>& lq_fast, Vec<T>& lp, Vec<T>& lq) {
+  if (c.fast_lp) {
+    lp = log_eps_from(p, z * Vec<T>(c.beta) - Vec<T>(c.shift + c.log_denom));
+  } else {
+    lp = (p + Vec<T>(div_eps<T>())).log();
+  }
+  lq = c.fast_lq ? log_eps_from(q, lq_fast) : (q + Vec<T>(div_eps<T>())).log();
+}
+
+// ----------------------------------------------------------------------------------------------
+// Per-call constants and per-thread scratch
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Axes {
+  int dims;
+  int64_t len[kMaxSpatialDims];
+  std::vector<T> grid[kMaxSpatialDims];  // v(j): coordinate grid of the op (normalized or pixels)
+  std::vector<T> cent[kMaxSpatialDims];  // u(j) = j - (S-1)/2: centred pixels, for the variance
+
+  explicit Axes(const KernelArgs& a) : dims(a.dims) {
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      len[k] = a.len[k];
+      grid[k].resize(len[k]);
+      cent[k].resize(len[k]);
+      for (int64_t j = 0; j < len[k]; ++j) {
+        grid[k][j] = grid_value<T>(j, len[k], a.normalized);
+        cent[k][j] = T(j) - T(len[k] - 1) / T(2);
+      }
+    }
+  }
+  int64_t rows() const { return len[1] * len[2]; }
+  int64_t size() const { return len[0] * len[1] * len[2]; }
+};
+
+template <typename T>
+struct Scratch {
+  std::vector<T> z;      // logits widened to T (half / bf16 only)
+  std::vector<T> e;      // unnormalized probabilities (forward) / p (backward)
+  std::vector<T> d;      // backward: d(divergence)/dp per element
+  std::vector<T> g_out;  // backward: dLoss/dz in T before narrowing (half / bf16 only)
+  std::vector<T> marg[kMaxSpatialDims];  // marginals of e (forward) or of w (target gradient)
+  std::vector<T> rows;                   // per-row sums
+  std::vector<T> gauss[kMaxSpatialDims]; // per-axis Gaussian factors g_k(j) of the target
+  std::vector<T> log_gauss[kMaxSpatialDims];  // their logs, -(v - mu)^2 / (2 s^2)
+  std::vector<T> axis_g[kMaxSpatialDims];  // backward: per-axis part of dLoss/dp
+  std::vector<T> row_q;                  // per-row factor of the target q
+  std::vector<T> row_lq;                 // per-row term of log q
+  std::vector<T> row_g;                  // backward: per-row part of dLoss/dp
+  bool uniform_fallback = false;         // forward: this map fell back to p = 1/N
+
+  explicit Scratch(const Axes<T>& ax) {
+    const int64_t n = ax.size(), r = ax.rows();
+    e.resize(n);
+    d.resize(n);
+    rows.resize(r);
+    row_q.resize(r);
+    row_lq.resize(r);
+    row_g.resize(r);
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      marg[k].resize(ax.len[k]);
+      gauss[k].resize(ax.len[k]);
+      log_gauss[k].resize(ax.len[k]);
+      axis_g[k].resize(ax.len[k]);
+    }
+  }
+};
+
+// Widen a map to T when the logits are half / bf16 (one cache-resident copy); else alias it.
+template <typename scalar_t, typename T>
+inline const T* widen(const scalar_t* src, int64_t n, Scratch<T>& s) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    if (static_cast<int64_t>(s.z.size()) < n) s.z.resize(n);
+    for (int64_t i = 0; i < n; ++i) s.z[i] = static_cast<T>(src[i]);
+    return s.z.data();
+  }
+}
+
+// e = op(z) over the map, stored, and summed into the x-marginal and the row sums.
+template <typename T, typename Op>
+inline void transform_and_sum(const T* z, const Axes<T>& ax, Scratch<T>& s, const Op& op) {
+  constexpr int64_t kV = Vec<T>::size();
+  const int64_t W = ax.len[0], R = ax.rows();
+  T* mx = s.marg[0].data();
+  std::fill(mx, mx + W, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* zr = z + r * W;
+    T* er = s.e.data() + r * W;
+    Vec<T> acc(T(0));
+    for (int64_t x = 0; x < W; x += kV) {
+      const int64_t cnt = std::min(kV, W - x);
+      const Vec<T> ev = zero_tail(op(load_part(zr + x, cnt, T(0))), cnt);
+      ev.store(er + x, cnt);
+      (load_part(mx + x, cnt, T(0)) + ev).store(mx + x, cnt);
+      acc = acc + ev;
+    }
+    s.rows[r] = hsum(acc);
+  }
+}
+
+// y / z marginals from the row sums (row r = z_index * len1 + y_index).
+template <typename T>
+inline void row_marginals(const Axes<T>& ax, Scratch<T>& s) {
+  const int64_t H = ax.len[1], D = ax.len[2];
+  std::fill(s.marg[1].begin(), s.marg[1].end(), T(0));
+  std::fill(s.marg[2].begin(), s.marg[2].end(), T(0));
+  for (int64_t dz = 0; dz < D; ++dz) {
+    for (int64_t y = 0; y < H; ++y) {
+      const T v = s.rows[dz * H + y];
+      s.marg[1][y] += v;
+      s.marg[2][dz] += v;
+    }
+  }
+}
+
+// Per-axis Gaussian factors of the target around mu (view order) and their sums G_k; absent
+// axes get g = 1, G = 1. Returns prod G_k.
+template <typename T>
+inline T gaussian_factors(const Axes<T>& ax, const T* mu, T sigma_t, Scratch<T>& s, T* G) {
+  T prod = 1;
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    T sum = 0;
+    for (int64_t j = 0; j < ax.len[k]; ++j) {
+      T g = 1, lg = 0;
+      if (k < ax.dims) {
+        // gauss_factor()'s expression, keeping the exponent: log g is then free (see above).
+        const T sk = T(2) * sigma_t / T(ax.len[k]);
+        const T d = grid_value<T>(j, ax.len[k], true) - mu[k];
+        lg = -d * d / (T(2) * sk * sk);
+        g = std::exp(lg);
+      }
+      s.gauss[k][j] = g;
+      s.log_gauss[k][j] = lg;
+      sum += g;
+    }
+    G[k] = sum;
+    prod *= sum;
+  }
+  return prod;
+}
+
+// Row factors of q_i = gx(x) * gy(y) * gz(z) / (prod G + eps) (the eps of DESIGN.md §1.4 keeps a
+// target far outside the map from dividing by zero), and of log q_i.
+template <typename T>
+inline void target_row_factors(const Axes<T>& ax, T prod_G, Scratch<T>& s) {
+  const int64_t H = ax.len[1], D = ax.len[2];
+  const T norm = T(1) / (prod_G + div_eps<T>());
+  const T log_norm = -std::log(prod_G + div_eps<T>());
+  for (int64_t dz = 0; dz < D; ++dz) {
+    for (int64_t y = 0; y < H; ++y) {
+      s.row_q[dz * H + y] = s.gauss[1][y] * s.gauss[2][dz] * norm;
+      s.row_lq[dz * H + y] = s.log_gauss[1][y] + s.log_gauss[2][dz] + log_norm;
+    }
+  }
+}
+
+template <typename T>
+inline DivPass<T> make_div_pass(const KernelArgs& a, bool uniform, T shift, T denom) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  DivPass<T> c;
+  c.reg = a.reg;
+  c.fast_lp = kFloat && a.norm == Normalization::Softmax && !uniform;
+  c.fast_lq = kFloat;
+  c.beta = static_cast<T>(a.beta);
+  c.shift = shift;
+  c.log_denom = std::log(denom);
+  return c;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward
+// ----------------------------------------------------------------------------------------------
+
+// One map: logits z (N values) -> coords / variance (dims, view order = x, y, z), reg loss and
+// stats [shift, denom] (csrc/OPS.md). NaN anywhere makes the max (softmax) or the sum NaN, which
+// reaches every output of this map and no other.
+template <typename T>
+void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax, Scratch<T>& s,
+                 T* coords, T* var, T* reg_loss, T* stats) {
+  constexpr int64_t kV = Vec<T>::size();
+  const int64_t N = ax.size(), W = ax.len[0], R = ax.rows();
+  T shift = 0, denom = 1, inv = 1;
+  s.uniform_fallback = false;
+  switch (a.norm) {
+    case Normalization::Softmax: {
+      // Max-subtraction: exp never overflows and the largest term is exactly 1, so denom is in
+      // [1, N]. A -inf logit gives exp(-inf) = 0; an all -inf map gives NaN, like torch.softmax.
+      Vec<T> vmax(-std::numeric_limits<T>::infinity());
+      for (int64_t i = 0; i < N; i += kV) {
+        const int64_t cnt = std::min(kV, N - i);
+        vmax = at::vec::maximum(vmax, load_part(z + i, cnt, -std::numeric_limits<T>::infinity()));
+      }
+      const T beta = static_cast<T>(a.beta);
+      shift = beta * hmax(vmax);  // beta > 0: max(beta z) = beta max(z), rounding included
+      if (!std::isfinite(shift)) {
+        // NaN or +inf logit, or only -inf: torch.softmax gives NaN, and so does this map.
+        const T nan = std::numeric_limits<T>::quiet_NaN();
+        for (int k = 0; k < ax.dims; ++k) coords[k] = var[k] = nan;
+        *reg_loss = nan;
+        stats[0] = shift;
+        stats[1] = nan;
+        return;
+      }
+      transform_and_sum(z, ax, s, SoftmaxExp<T>{beta, shift});
+      denom = 0;
+      for (int64_t r = 0; r < R; ++r) denom += s.rows[r];
+      inv = T(1) / denom;
+      break;
+    }
+    case Normalization::None:
+      transform_and_sum(z, ax, s, Identity<T>{});
+      break;
+    default: {
+      transform_and_sum(z, ax, s, Rectify<T>{a.norm});
+      denom = 0;
+      for (int64_t r = 0; r < R; ++r) denom += s.rows[r];
+      if (denom == T(0)) {
+        // Nothing rectified survives (e.g. an all-negative relu map): no direction to prefer,
+        // so the map is uniform (OPS.md). stats keeps denom = 0 to tell backward.
+        std::fill(s.e.begin(), s.e.begin() + N, T(1));
+        std::fill(s.marg[0].begin(), s.marg[0].end(), T(R));
+        std::fill(s.rows.begin(), s.rows.end(), T(W));
+        inv = T(1) / T(N);
+        s.uniform_fallback = true;
+      } else {
+        inv = T(1) / denom;
+      }
+      break;
+    }
+  }
+  stats[0] = shift;
+  stats[1] = denom;
+  row_marginals(ax, s);
+
+  // Moments from the marginals: c = sum m v, mean u = sum m u, variance two-pass about the mean.
+  T v_out[kMaxSpatialDims] = {0, 0, 0};
+  for (int k = 0; k < ax.dims; ++k) {
+    const T* m = s.marg[k].data();
+    T c = 0, ubar = 0;
+    for (int64_t j = 0; j < ax.len[k]; ++j) {
+      c += m[j] * ax.grid[k][j];
+      ubar += m[j] * ax.cent[k][j];
+    }
+    c *= inv;
+    ubar *= inv;
+    T v = 0;
+    for (int64_t j = 0; j < ax.len[k]; ++j) {
+      const T du = ax.cent[k][j] - ubar;
+      v += m[j] * du * du;
+    }
+    coords[k] = c;
+    var[k] = v_out[k] = v * inv;
+  }
+
+  T loss = 0;
+  const T sigma2 = static_cast<T>(a.sigma_t) * static_cast<T>(a.sigma_t);
+  if (a.reg == Regularizer::Var) {
+    for (int k = 0; k < ax.dims; ++k) loss += (v_out[k] - sigma2) * (v_out[k] - sigma2);
+  } else if (a.reg == Regularizer::JS || a.reg == Regularizer::KL) {
+    T G[kMaxSpatialDims];
+    const T prod = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
+    target_row_factors(ax, prod, s);
+    const DivPass<T> dp = make_div_pass(a, s.uniform_fallback, shift, denom);
+    const T* gx = s.gauss[0].data();
+    const T* lgx = s.log_gauss[0].data();
+    const Vec<T> vinv(inv);
+    Vec<T> acc(T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* er = s.e.data() + r * W;
+      const T* zr = z + r * W;
+      const Vec<T> qr(s.row_q[r]), lqr(s.row_lq[r]);
+      for (int64_t x = 0; x < W; x += kV) {
+        const int64_t cnt = std::min(kV, W - x);
+        // Lanes past cnt: p = q = 0 with finite logs, so they add exactly 0.
+        const Vec<T> p = load_part(er + x, cnt, T(0)) * vinv;
+        const Vec<T> q = load_part(gx + x, cnt, T(0)) * qr;
+        Vec<T> lp, lq;
+        divergence_logs(dp, load_part(zr + x, cnt, T(0)), p, q, load_part(lgx + x, cnt, T(0)) + lqr,
+                        lp, lq);
+        acc = acc + divergence(p, q, lp, lq, a.reg, false, false, dp.fast_lq).value;
+      }
+    }
+    loss = hsum(acc);
+  }
+  *reg_loss = loss;
+}
+
+template <typename scalar_t>
+void forward_chunk(const KernelArgs& a, int64_t begin, int64_t end) {
+  using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Axes<T> ax(a);
+  Scratch<T> s(ax);
+  const int64_t N = ax.size();
+  const int n = a.dims;
+  const auto* logits = static_cast<const scalar_t*>(a.logits);
+  const auto* target = static_cast<const T*>(a.target);
+  for (int64_t m = begin; m < end; ++m) {
+    const T* z = widen<scalar_t, T>(logits + m * N, N, s);
+    T mu[kMaxSpatialDims] = {0, 0, 0};
+    if (target != nullptr)
+      for (int k = 0; k < n; ++k) mu[k] = target[m * n + k];
+    forward_map<T>(z, mu, a, ax, s, static_cast<T*>(a.coords) + m * n,
+                   static_cast<T*>(a.variance) + m * n, static_cast<T*>(a.reg_losses) + m,
+                   static_cast<T*>(a.stats) + 2 * m);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward
+// ----------------------------------------------------------------------------------------------
+
+// One map: dLoss/dz (N values, T) and, for js / kl with needs_target_grad, dLoss/dmu (dims).
+// With G_i = dLoss/dp_i (DESIGN.md §2):
+//   softmax:          dz_i = beta p_i (G_i - sum_j p_j G_j)
+//   abs/relu/sigmoid: dz_i = r'(z_i) / R (G_i - sum_j p_j G_j); 0 for a uniform-fallback map
+//   none:             dz_i = G_i
+// G_i = sum_k A_k(i_k) + w (d_p(i)) where A_k collects the coordinate and variance paths:
+//   A_k(j) = gc_k v_k(j) + nu_k [(u_k(j) - ubar_k)^2 - 2 ubar_k (1 - sum p) u_k(j)],
+// (the last term is the path through the mean, zero when sum p = 1), and for normalized maps
+// sum_i p_i A_k(i_k) = gc_k c_k + nu_k var_k in closed form from the saved outputs.
+template <typename T>
+void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax, Scratch<T>& s,
+                  const T* coords, const T* var, const T* stats, const T* gc, const T* gv, T gr,
+                  T* gz, T* gmu) {
+  constexpr int64_t kV = Vec<T>::size();
+  const int64_t N = ax.size(), W = ax.len[0], H = ax.len[1], D = ax.len[2], R = ax.rows();
+  const bool is_div = a.reg == Regularizer::JS || a.reg == Regularizer::KL;
+  const bool want_gmu = is_div && a.needs_target_grad;
+  const T shift = stats[0], denom = stats[1];
+  const T beta = static_cast<T>(a.beta);
+  const bool uniform = a.norm != Normalization::Softmax && a.norm != Normalization::None &&
+                       denom == T(0);
+  const T inv = a.norm == Normalization::None ? T(1) : (uniform ? T(1) / T(N) : T(1) / denom);
+  if (a.norm == Normalization::Softmax && !(std::isfinite(shift) && std::isfinite(denom))) {
+    // A NaN map of the forward pass (see forward_map): NaN gradients, confined to this map.
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    std::fill(gz, gz + N, nan);
+    if (gmu != nullptr)
+      for (int k = 0; k < ax.dims; ++k) gmu[k] = want_gmu ? nan : T(0);
+    return;
+  }
+
+  // sum p: 1 for the normalized modes, the plain sum for `none` (its maps need not sum to 1).
+  T sum_p = 1;
+  if (a.norm == Normalization::None) {
+    Vec<T> acc(T(0));
+    for (int64_t i = 0; i < N; i += kV) acc = acc + load_part(z + i, std::min(kV, N - i), T(0));
+    sum_p = hsum(acc);
+  }
+
+  // Per-axis parts A_k of G and their p-weighted sum.
+  const T sigma2 = static_cast<T>(a.sigma_t) * static_cast<T>(a.sigma_t);
+  T sep = 0;
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    T* A = s.axis_g[k].data();
+    if (k >= ax.dims) {
+      A[0] = 0;
+      continue;
+    }
+    const T Sk = T(ax.len[k]);
+    const T ubar = a.normalized ? coords[k] * Sk / T(2)
+                                : coords[k] - (Sk - T(1)) / T(2) * sum_p;
+    T nu = gv[k];
+    if (a.reg == Regularizer::Var) nu += T(2) * gr * (var[k] - sigma2);
+    const T lin = T(2) * ubar * (T(1) - sum_p);
+    for (int64_t j = 0; j < ax.len[k]; ++j) {
+      const T du = ax.cent[k][j] - ubar;
+      A[j] = gc[k] * ax.grid[k][j] + nu * (du * du - lin * ax.cent[k][j]);
+    }
+    sep += gc[k] * coords[k] + nu * var[k];
+  }
+  const bool normalized_p = a.norm != Normalization::None;
+  for (int64_t dz = 0; dz < D; ++dz)
+    for (int64_t y = 0; y < H; ++y)
+      s.row_g[dz * H + y] = s.axis_g[1][y] + s.axis_g[2][dz] - (normalized_p ? sep : T(0));
+
+  // Divergence pass: p (kept in e), d_p (kept in d), sum p d_p, and the marginals of
+  // w_i = d_q(i) q_i for the target gradient.
+  const bool div_pass = is_div && (gr != T(0) || want_gmu);
+  T sum_pd = 0;
+  T G[kMaxSpatialDims] = {1, 1, 1};
+  T prod_G = 1;
+  if (div_pass) {
+    prod_G = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
+    target_row_factors(ax, prod_G, s);
+    const DivPass<T> dp = make_div_pass(a, uniform, shift, denom);
+    const T* lgx = s.log_gauss[0].data();
+    T* wx = s.marg[0].data();
+    std::fill(wx, wx + W, T(0));
+    const T* gx = s.gauss[0].data();
+    const Vec<T> vinv(inv);
+    const SoftmaxExp<T> sm{beta, shift};
+    const Rectify<T> rect{a.norm};
+    Vec<T> acc_pd(T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* zr = z + r * W;
+      T* er = s.e.data() + r * W;
+      T* dr = s.d.data() + r * W;
+      const Vec<T> qr(s.row_q[r]), lqr(s.row_lq[r]);
+      Vec<T> acc_w(T(0));
+      for (int64_t x = 0; x < W; x += kV) {
+        const int64_t cnt = std::min(kV, W - x);
+        const Vec<T> zv = load_part(zr + x, cnt, T(0));
+        Vec<T> p;
+        if (uniform) {
+          p = vinv;
+        } else if (a.norm == Normalization::Softmax) {
+          p = sm(zv) * vinv;
+        } else if (a.norm == Normalization::None) {
+          p = zv;
+        } else {
+          p = rect(zv) * vinv;
+        }
+        p = zero_tail(p, cnt);
+        const Vec<T> q = load_part(gx + x, cnt, T(0)) * qr;
+        Vec<T> lp, lq;
+        divergence_logs(dp, zv, p, q, load_part(lgx + x, cnt, T(0)) + lqr, lp, lq);
+        const DivVec<T> t = divergence(p, q, lp, lq, a.reg, true, want_gmu, dp.fast_lq);
+        p.store(er + x, cnt);
+        t.d_p.store(dr + x, cnt);
+        acc_pd = acc_pd + p * t.d_p;  // zero lanes: p = 0 and d_p finite, so they add 0
+        if (want_gmu) {
+          const Vec<T> w = zero_tail(t.d_q * q, cnt);
+          (load_part(wx + x, cnt, T(0)) + w).store(wx + x, cnt);
+          acc_w = acc_w + w;
+        }
+      }
+      s.rows[r] = hsum(acc_w);
+    }
+    sum_pd = hsum(acc_pd);
+  }
+
+  // dLoss/dz. For the normalized modes the divergence part enters as w (d_p - sum p d_p).
+  const Vec<T> vgr(gr);
+  const Vec<T> vshift_pd(normalized_p ? gr * sum_pd : T(0));
+  const T* Ax = s.axis_g[0].data();
+  if (uniform) {
+    std::fill(gz, gz + N, T(0));  // p = 1/N does not depend on z
+  } else {
+    const SoftmaxExp<T> sm{beta, shift};
+    const Rectify<T> rect{a.norm};
+    const Vec<T> vinv(inv), vbeta(beta);
+    for (int64_t r = 0; r < R; ++r) {
+      const T* zr = z + r * W;
+      const T* er = s.e.data() + r * W;
+      const T* dr = s.d.data() + r * W;
+      T* gr_out = gz + r * W;
+      const Vec<T> rowg(s.row_g[r]);
+      for (int64_t x = 0; x < W; x += kV) {
+        const int64_t cnt = std::min(kV, W - x);
+        Vec<T> g = load_part(Ax + x, cnt, T(0)) + rowg;
+        if (div_pass) g = g + vgr * load_part(dr + x, cnt, T(0)) - vshift_pd;
+        Vec<T> out;
+        if (a.norm == Normalization::Softmax) {
+          const Vec<T> p = div_pass ? load_part(er + x, cnt, T(0))
+                                    : sm(load_part(zr + x, cnt, T(0))) * vinv;
+          out = vbeta * p * g;
+        } else if (a.norm == Normalization::None) {
+          out = g;
+        } else {
+          out = rect.grad(load_part(zr + x, cnt, T(0))) * vinv * g;
+        }
+        out.store(gr_out + x, cnt);
+      }
+    }
+  }
+
+  if (want_gmu) {
+    // dLoss/dmu_k = w sum_i d_q(i) q_i dlog q_i/dmu_k, with
+    // dlog q_i/dmu_k = (v_k - mu_k)/s_k^2 - (prod_{l != k} G_l) G'_k / (prod G + eps),
+    // G'_k = sum_j g_k(j) (v_k(j) - mu_k)/s_k^2 (no division by G_k, which may underflow to 0).
+    row_marginals(ax, s);  // w marginals along y, z from the per-row sums
+    for (int k = 0; k < ax.dims; ++k) {
+      const T sig = static_cast<T>(a.sigma_t);
+      T dG = 0;
+      for (int64_t j = 0; j < ax.len[k]; ++j)
+        dG += s.gauss[k][j] * gauss_log_grad<T>(j, ax.len[k], mu[k], sig);
+      T others = 1;
+      for (int l = 0; l < kMaxSpatialDims; ++l)
+        if (l != k) others *= G[l];
+      const T corr = others * dG / (prod_G + div_eps<T>());
+      T acc = 0;
+      for (int64_t j = 0; j < ax.len[k]; ++j)
+        acc += s.marg[k][j] * (gauss_log_grad<T>(j, ax.len[k], mu[k], sig) - corr);
+      gmu[k] = gr * acc;
+    }
+  } else if (gmu != nullptr) {
+    for (int k = 0; k < ax.dims; ++k) gmu[k] = 0;
+  }
+}
+
+template <typename scalar_t>
+void backward_chunk(const KernelArgs& a, int64_t begin, int64_t end) {
+  using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Axes<T> ax(a);
+  Scratch<T> s(ax);
+  const int64_t N = ax.size();
+  const int n = a.dims;
+  const auto* logits = static_cast<const scalar_t*>(a.logits);
+  const auto* target = static_cast<const T*>(a.target);
+  const auto* gc_all = static_cast<const T*>(a.grad_coords);
+  const auto* gv_all = static_cast<const T*>(a.grad_variance);
+  const auto* gr_all = static_cast<const T*>(a.grad_reg_losses);
+  auto* grad_logits = static_cast<scalar_t*>(a.grad_logits);
+  auto* grad_target = static_cast<T*>(a.grad_target);
+  if constexpr (!std::is_same_v<scalar_t, T>) s.g_out.resize(N);
+  const T zeros[kMaxSpatialDims] = {0, 0, 0};
+  for (int64_t m = begin; m < end; ++m) {
+    const T* z = widen<scalar_t, T>(logits + m * N, N, s);
+    T mu[kMaxSpatialDims] = {0, 0, 0};
+    if (target != nullptr)
+      for (int k = 0; k < n; ++k) mu[k] = target[m * n + k];
+    T* gz;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      gz = grad_logits + m * N;
+    } else {
+      gz = s.g_out.data();
+    }
+    backward_map<T>(z, mu, a, ax, s, static_cast<const T*>(a.coords) + m * n,
+                    static_cast<const T*>(a.variance) + m * n,
+                    static_cast<const T*>(a.stats) + 2 * m,
+                    gc_all ? gc_all + m * n : zeros, gv_all ? gv_all + m * n : zeros,
+                    gr_all ? gr_all[m] : T(0), gz, grad_target ? grad_target + m * n : nullptr);
+    if constexpr (!std::is_same_v<scalar_t, T>) {
+      scalar_t* dst = grad_logits + m * N;
+      for (int64_t i = 0; i < N; ++i) dst[i] = static_cast<scalar_t>(gz[i]);
+    }
+  }
+}
+
+inline KernelTable make_table() {
+  KernelTable t{};
+  t.forward[static_cast<int>(DType::kF32)] = &forward_chunk<float>;
+  t.forward[static_cast<int>(DType::kF64)] = &forward_chunk<double>;
+  t.forward[static_cast<int>(DType::kF16)] = &forward_chunk<c10::Half>;
+  t.forward[static_cast<int>(DType::kBF16)] = &forward_chunk<c10::BFloat16>;
+  t.backward[static_cast<int>(DType::kF32)] = &backward_chunk<float>;
+  t.backward[static_cast<int>(DType::kF64)] = &backward_chunk<double>;
+  t.backward[static_cast<int>(DType::kF16)] = &backward_chunk<c10::Half>;
+  t.backward[static_cast<int>(DType::kBF16)] = &backward_chunk<c10::BFloat16>;
+  return t;
+}
+
+}  // namespace dsnt_cuda::cpu::DSNT_CPU_NS
