@@ -1,0 +1,90 @@
+"""A small, complete workout of the CUDA kernels for compute-sanitizer (memcheck, racecheck).
+
+Every size class (warp <= 512 < block <= 4096 < streamed), every dtype, every normalization and
+regularizer, vector and scalar (misaligned) loads, forward and backward, once each, on shapes
+small enough for the sanitizers' slowdown. Exits non-zero if an op raises or a result is not
+finite where it must be.
+
+    compute-sanitizer --tool memcheck python3 scripts/sanitizer_driver.py
+"""
+
+import sys
+
+import torch
+
+import dsnt_cuda  # noqa: F401  (loads the extension and registers autograd)
+from dsnt_cuda import ops
+
+DEV = "cuda"
+SHAPES = {
+    "warp": (2, 9, 16, 16),  # 18 maps: more than one 8-map block, a partial last block
+    "warp-odd": (2, 3, 7, 5),
+    "block": (2, 2, 40, 41),
+    "block-3d": (1, 2, 16, 16, 16),
+    "stream": (1, 2, 70, 70),
+    "stream-1d": (1, 1, 9001),  # odd length; axis above the table cap: target on the fly
+    "stream-3d": (1, 1, 20, 20, 21),  # 3-D streamed, target tabulated
+}
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MODES = (("softmax", "js"), ("abs", "kl"), ("relu", "var"), ("sigmoid", "none"), ("none", "js"))
+
+
+def run(shape, dtype, normalization, reg, misaligned=False):
+    g = torch.Generator().manual_seed(0)
+    n = len(shape) - 2
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    if normalization == "none":
+        z = torch.softmax(z.flatten(2), -1).view(shape)
+    if misaligned:
+        buf = torch.empty(z.numel() + 1, dtype=dtype, device=DEV)
+        buf[1:].copy_(z.flatten())
+        z = buf[1:].view(shape)
+    else:
+        z = z.to(DEV, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    target = (torch.rand(shape[0], shape[1], n, generator=g, dtype=torch.float64) * 1.6 - 0.8).to(DEV, acc)
+    z.requires_grad_(True)
+    target.requires_grad_(True)
+    coords, var, reg_losses = ops.dsnt_core_op(z, target, normalization, 1.0, True, reg, 1.0)
+    # small weights on the variance paths: their gradients grow like S^4 and must fit float16
+    loss = coords.sum() + 1e-6 * var.sum() + (1e-9 if reg == "var" else 1.0) * reg_losses.sum()
+    gz, gt = torch.autograd.grad(loss, [z, target], allow_unused=True)
+    torch.cuda.synchronize()
+    ok = all(torch.isfinite(t).all().item() for t in (coords, var, reg_losses, gz))
+    if gt is not None:
+        ok = ok and torch.isfinite(gt).all().item()
+    return ok
+
+
+def main():
+    failures = 0
+    count = 0
+    for name, shape in SHAPES.items():
+        for dtype in DTYPES:
+            for i, (normalization, reg) in enumerate(MODES):
+                # all modes on float32; one mode per other dtype keeps the sanitizers quick
+                if dtype != torch.float32 and i != (DTYPES.index(dtype) % len(MODES)):
+                    continue
+                for misaligned in (False, True) if dtype == torch.float32 and i == 0 else (False,):
+                    count += 1
+                    try:
+                        ok = run(shape, dtype, normalization, reg, misaligned)
+                    except Exception as error:  # noqa: BLE001  (report and go on)
+                        ok = False
+                        print(f"ERROR {name} {dtype} {normalization}/{reg} misaligned={misaligned}: {error}")
+                    if not ok:
+                        failures += 1
+                        print(f"FAIL {name} {shape} {dtype} {normalization}/{reg} misaligned={misaligned}")
+    # empty inputs launch nothing
+    for shape in ((0, 3, 16, 16), (2, 0, 100)):
+        count += 1
+        z = torch.randn(shape, device=DEV, requires_grad=True)
+        out = ops.dsnt_core_op(z, None, "softmax", 1.0, True, "var", 1.0)
+        (out[0].sum() + out[1].sum()).backward()
+    torch.cuda.synchronize()
+    print(f"sanitizer driver: {count} cases, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
