@@ -34,10 +34,7 @@ from dsnt_cuda.compat import (
 )
 from dsnt_cuda.fused import DSNTLossResult, dsnt_loss, fused_dsnt
 
-import importlib.util as _util
-
-if _util.find_spec("dsnt_cuda.ops"):  # TODO(lead): plain import once dsnt_cuda/ops.py lands
-    from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
+from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
 
 __version__ = "0.1.0"
 build_info = _extension.build_info
@@ -50,3 +47,10 @@ __all__ = [
     "kl_reg_losses", "js_reg_losses", "variance_reg_losses", "normalized_to_pixel_coordinates",
     "pixel_to_normalized_coordinates", "sharpen_heatmaps",
 ]
+
+# --- modules and conventions (ecosystem) ---
+from dsnt_cuda import conventions  # noqa: E402
+from dsnt_cuda.conventions import convert_coordinates, convert_variance  # noqa: E402
+from dsnt_cuda.modules import DSNT, DSNTLoss  # noqa: E402
+
+__all__ += ["DSNT", "DSNTLoss", "conventions", "convert_coordinates", "convert_variance"]
