@@ -28,6 +28,9 @@ def build_info() -> dict:
     return info
 
 
+# Registration is fixed once _C is imported, so torch.compile may treat the answer as a constant
+# (dynamo cannot trace the dispatcher query itself: it would break the graph on every call).
+@torch.compiler.assume_constant_result
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether torch.ops.dsnt_cuda.<op_name> has a kernel registered for dispatch_key."""
     if _C is None:

@@ -59,6 +59,11 @@ def check_positive_number(name: str, value) -> float:
     """A finite real number > 0 (a Python number or a one-element tensor)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    if isinstance(value, torch.SymFloat) or (torch.compiler.is_compiling() and isinstance(value, float)):
+        # Under torch.compile(dynamic=True) a float may be symbolic: checking it here would
+        # break the graph or specialize it on the value. Eager calls check it here; compiled
+        # calls of the fused ops are checked by their TORCH_CHECKs at run time.
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

@@ -11,7 +11,7 @@ from dsnt_cuda.backends import resolve_backend
 def dsnt_core(logits, target, normalization, beta, normalized_coordinates, reg, sigma_t, backend=None):
     """(coords, variance, reg_losses) from the backend `backend` (None: the default in force)."""
     name = resolve_backend(backend, logits.device)
-    args = (logits, target, normalization, float(beta), bool(normalized_coordinates), reg, float(sigma_t))
+    args = (logits, target, normalization, beta, bool(normalized_coordinates), reg, sigma_t)
     if name == "reference":
         return reference.dsnt_core(*args)
     if name in ("cpu", "cuda"):

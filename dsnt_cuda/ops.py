@@ -89,8 +89,7 @@ def register_dsnt_autograd(fwd_op, bwd_op) -> None:
 def dsnt_core_op(logits, target, normalization, beta, normalized_coordinates, reg, sigma_t):
     """(coords, variance, reg_losses) from the compiled kernels (CPU or CUDA by the device)."""
     coords, variance, reg_losses, _stats = torch.ops.dsnt_cuda.dsnt_fwd(
-        logits, target, normalization, float(beta), bool(normalized_coordinates), reg,
-        float(sigma_t),
+        logits, target, normalization, beta, bool(normalized_coordinates), reg, sigma_t
     )
     return coords, variance, reg_losses
 

@@ -140,3 +140,16 @@ def test_build_info_reports_the_build():
         assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
         if info["with_cuda"]:
             assert "90" in info["cuda_architectures"] and info["cuda_version"]
+
+
+def test_compiled_with_symbolic_float_options_matches_eager_and_still_checks(cpu_backend):
+    """torch.compile(dynamic=True) makes float arguments symbolic: no graph break, no stale graph."""
+    fn = torch.compile(lambda x, b: dsnt_cuda.fused_dsnt(x, beta=b, backend=cpu_backend),
+                       dynamic=True, fullgraph=True)
+    logits = random_logits((2, 3, 6, 5), seed=12)
+    for beta in (1.5, 2.5):
+        expected = dsnt_cuda.fused_dsnt(logits, beta=beta, backend="reference")
+        torch.testing.assert_close(fn(logits, beta), expected, rtol=1e-9, atol=1e-12)
+    if cpu_backend == "cpu":  # the op checks what the compiled Python boundary could not
+        with pytest.raises((ValueError, RuntimeError), match="beta must be finite and > 0"):
+            fn(logits, -1.0)
