@@ -48,7 +48,10 @@ def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-cxx_flags = ["-O3", "-std=c++20"]
+# -fopenmp: at::parallel_for is an inline template over OpenMP pragmas; compiled without it the
+# CPU kernels silently run on one thread. The runtime (libgomp.so.1) is the one torch loads.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+link_flags = ["-fopenmp"]
 cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
 if WITH_CUDA:
     extension = CUDAExtension(
@@ -56,6 +59,7 @@ if WITH_CUDA:
         cpp_sources + sources("csrc/cuda/*.cu"),
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("DSNT_WITH_CUDA", "1")],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
@@ -66,6 +70,7 @@ else:
         "dsnt_cuda._C",
         cpp_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags},
     )
 
