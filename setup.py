@@ -33,7 +33,16 @@ def find_cuda_home():
     return None
 
 
-WITH_CUDA = os.environ.get("DSNT_CUDA_NO_CUDA", "0") != "1" and find_cuda_home() is not None
+def torch_has_cuda():
+    """A CPU-only torch (e.g. 2.13.0+cpu) has no CUDA headers/libraries to build against."""
+    import torch  # does not import torch.utils.cpp_extension, which reads CUDA_HOME on import
+
+    return torch.version.cuda is not None
+
+
+WITH_CUDA = (
+    os.environ.get("DSNT_CUDA_NO_CUDA", "0") != "1" and find_cuda_home() is not None and torch_has_cuda()
+)
 if WITH_CUDA:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = find_cuda_home()
