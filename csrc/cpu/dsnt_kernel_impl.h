@@ -8,6 +8,9 @@
 // Passes over one map (it stays in L1/L2 between them; only the first reads memory):
 //   forward:  [softmax: max] -> e = exp / rectify, x-marginal and row sums -> [js/kl: divergence]
 //   backward: [js/kl: p, dDiv/dp, sum p dDiv/dp, target-gradient marginals] -> dLoss/dz
+// For float JS only a box around the target takes the per-element divergence (FarField below):
+// the forward's far field costs nothing beyond the exp pass, the backward's one exp pass that
+// also writes dLoss/dz (softmax).
 // Nothing of map size is kept between forward and backward: stats = [shift, denom] per map.
 //
 // Layout: a map of N = len0 * len1 * len2 values is len1 * len2 contiguous rows of len0 (x)
@@ -79,6 +82,19 @@ inline T hmax(const Vec<T>& v) {
   for (int i = 0; i < Vec<T>::size(); ++i) {
     if (std::isnan(lanes[i])) return lanes[i];
     m = std::max(m, lanes[i]);
+  }
+  return m;
+}
+
+// Smallest lane; NaN if any lane is NaN.
+template <typename T>
+inline T hmin(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 0; i < Vec<T>::size(); ++i) {
+    if (std::isnan(lanes[i])) return lanes[i];
+    m = std::min(m, lanes[i]);
   }
   return m;
 }
@@ -167,7 +183,8 @@ struct LogBand {
 template <typename T>
 inline Vec<T> log_eps_from(const Vec<T>& x, const Vec<T>& fast_log) {
   const Vec<T> log_eps(std::log(div_eps<T>()));
-  Vec<T> result = at::vec::maximum(fast_log, log_eps);
+  // clamp_min(x, c) = max(c, x) keeps a NaN x like maximum() (c is never NaN), in one op.
+  Vec<T> result = at::vec::clamp_min(fast_log, log_eps);
   const Vec<T> band = (x < Vec<T>(LogBand<T>::kBandHi)) & (x > Vec<T>(LogBand<T>::kBandLo));
   if (band.zero_mask() != (1 << Vec<T>::size()) - 1) {
     result = Vec<T>::blendv(result, (x + Vec<T>(div_eps<T>())).log(), band);
@@ -184,7 +201,7 @@ inline Vec<T> log_mid(const Vec<T>& p, const Vec<T>& q, const Vec<T>& m, const V
   const Vec<T> lo = at::vec::minimum(p, q), hi = at::vec::maximum(p, q);
   const Vec<T> log_eps(std::log(div_eps<T>()));
   Vec<T> result =
-      at::vec::maximum(at::vec::maximum(lp, lq) - Vec<T>(T(0.69314718055994530942)), log_eps);
+      at::vec::clamp_min(at::vec::maximum(lp, lq) - Vec<T>(T(0.69314718055994530942)), log_eps);
   const Vec<T> exact = (lo > hi * Vec<T>(T(1.0 / 33554432.0))) |
                        ((m < Vec<T>(LogBand<T>::kBandHi)) & (m > Vec<T>(LogBand<T>::kBandLo)));
   if (exact.zero_mask() != (1 << Vec<T>::size()) - 1) {
@@ -263,6 +280,7 @@ struct Axes {
   int64_t len[kMaxSpatialDims];
   std::vector<T> grid[kMaxSpatialDims];  // v(j): coordinate grid of the op (normalized or pixels)
   std::vector<T> cent[kMaxSpatialDims];  // u(j) = j - (S-1)/2: centred pixels, for the variance
+  std::vector<T> ngrid[kMaxSpatialDims]; // normalized grid, where the target Gaussian lives
 
   explicit Axes(const KernelArgs& a) : dims(a.dims) {
     for (int k = 0; k < kMaxSpatialDims; ++k) {
@@ -271,6 +289,7 @@ struct Axes {
       cent[k].resize(len[k]);
       for (int64_t j = 0; j < len[k]; ++j) {
         grid[k][j] = grid_value<T>(j, len[k], a.normalized);
+        ngrid[k].push_back(grid_value<T>(j, len[k], true));
         cent[k][j] = T(j) - T(len[k] - 1) / T(2);
       }
     }
@@ -293,6 +312,8 @@ struct Scratch {
   std::vector<T> row_q;                  // per-row factor of the target q
   std::vector<T> row_lq;                 // per-row term of log q
   std::vector<T> row_g;                  // backward: per-row part of dLoss/dp
+  std::vector<int64_t> d_lo, d_hi;       // backward: per row, the x range where d holds d_p
+  std::vector<int64_t> nx0, nx1;         // float JS: per row of the near box, its near columns
   bool uniform_fallback = false;         // forward: this map fell back to p = 1/N
 
   explicit Scratch(const Axes<T>& ax) {
@@ -303,6 +324,10 @@ struct Scratch {
     row_q.resize(r);
     row_lq.resize(r);
     row_g.resize(r);
+    d_lo.resize(r);
+    d_hi.resize(r);
+    nx0.resize(r);
+    nx1.resize(r);
     for (int k = 0; k < kMaxSpatialDims; ++k) {
       marg[k].resize(ax.len[k]);
       gauss[k].resize(ax.len[k]);
@@ -351,14 +376,21 @@ template <typename T>
 inline void row_marginals(const Axes<T>& ax, Scratch<T>& s) {
   const int64_t H = ax.len[1], D = ax.len[2];
   std::fill(s.marg[1].begin(), s.marg[1].end(), T(0));
-  std::fill(s.marg[2].begin(), s.marg[2].end(), T(0));
   for (int64_t dz = 0; dz < D; ++dz) {
+    T mz = 0;  // same order as summing into marg[2][dz] directly
     for (int64_t y = 0; y < H; ++y) {
       const T v = s.rows[dz * H + y];
       s.marg[1][y] += v;
-      s.marg[2][dz] += v;
+      mz += v;
     }
+    s.marg[2][dz] = mz;
   }
+}
+
+// Below this, std::exp returns exactly 0 (float: e^-103.97 is half the smallest subnormal).
+template <typename T>
+constexpr T exp_zero_below() {
+  return std::is_same_v<T, float> ? T(-110) : T(-760);
 }
 
 // Per-axis Gaussian factors of the target around mu (view order) and their sums G_k; absent
@@ -373,9 +405,10 @@ inline T gaussian_factors(const Axes<T>& ax, const T* mu, T sigma_t, Scratch<T>&
       if (k < ax.dims) {
         // gauss_factor()'s expression, keeping the exponent: log g is then free (see above).
         const T sk = T(2) * sigma_t / T(ax.len[k]);
-        const T d = grid_value<T>(j, ax.len[k], true) - mu[k];
+        const T d = ax.ngrid[k][j] - mu[k];
         lg = -d * d / (T(2) * sk * sk);
-        g = std::exp(lg);
+        // exp is exactly 0 below exp_zero_below(): skip the call (libm's underflow path is slow).
+        g = lg < exp_zero_below<T>() ? T(0) : std::exp(lg);
       }
       s.gauss[k][j] = g;
       s.log_gauss[k][j] = lg;
@@ -416,6 +449,105 @@ inline DivPass<T> make_div_pass(const KernelArgs& a, bool uniform, T shift, T de
 }
 
 // ----------------------------------------------------------------------------------------------
+// The far field of a float JS map
+//
+// Away from the target q is negligible next to p, and the JS summand and its partials become
+//   p (lp - lm)/2 + q (lq - lm)/2 = p ln2 / 2,   d_p = (lp - lm + p/(p+eps) - m/(m+eps))/2 = ln2/2,
+//   w = d_q q ~ 0,
+// up to float rounding: with q <= p / kFarRatio, lm = log((p + q)/2 + eps) = lp - ln2 + O(q/p),
+// |lq - lm| <= |log eps| + |lm| < 60, so the q term is below 2^-26 of the p term, and with
+// p >= kFarMinP both p and m are above the band (p/(p+eps) = m/(m+eps) = 1). Such an element
+// needs no divergence at all: the forward sums p over it, the backward adds a constant to G.
+// The bound on q is separable: lq_fast = log gx(x) + row lq(r) < kFarLogQ outside a box of
+// rows x columns, and within each of its rows outside a range of columns (together about a disc
+// of radius 9 pixels around the target for sigma_t = 1 pixel, rounded out to whole vectors);
+// only that takes the per-element divergence. Outside the box a row is checked (min p against its bound on q, NaN
+// fails) and goes through the per-element path if the check fails; for softmax the smallest
+// logit of the map usually clears the whole far field at once.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct NearBox {
+  int64_t x0 = 0, x1 = 0;  // columns [x0, x1), x0 a multiple of the vector size
+  int64_t r0 = 0, r1 = 0;  // rows [r0, r1)
+  T max_x = 0;             // max_x log gx(x)
+};
+
+template <typename T>
+struct FarField {
+  static constexpr T kFarLogQ = T(-40);     // q < 4.3e-18 outside the box
+  static constexpr T kFarMinP = T(1e-15);   // p, m above kBandHi ~ 3.4e-17
+  static constexpr T kFarRatio = T(8e9);    // 60 * 2^27
+  static constexpr T kHalfLn2 = T(0.34657359027997265471);
+  // Smallest p the far part of a row may hold, given a bound on its lq_fast.
+  static T min_p(T log_q_bound) {
+    if (log_q_bound < T(-60)) return kFarMinP;  // kFarRatio e^-60 < kFarMinP
+    return std::max(kFarMinP, kFarRatio * std::exp(std::min(log_q_bound, kFarLogQ)));
+  }
+};
+
+// The box outside of which every lq_fast < kFarLogQ (NaN logs make the whole map near), and
+// for each of its rows r the columns [nx0[r], nx1[r]) (vector-aligned) outside of which
+// lq_fast < kFarLogQ too (the box is a square around a disc).
+template <typename T>
+inline NearBox<T> near_box(const Axes<T>& ax, Scratch<T>& s) {
+  constexpr int64_t kV = Vec<T>::size();
+  const int64_t W = ax.len[0], R = ax.rows();
+  const T* lgx = s.log_gauss[0].data();
+  const T* lqr = s.row_lq.data();
+  T max_x = -std::numeric_limits<T>::infinity(), max_r = max_x;
+  for (int64_t x = 0; x < W; ++x) max_x = std::isnan(lgx[x]) || lgx[x] > max_x ? lgx[x] : max_x;
+  for (int64_t r = 0; r < R; ++r) max_r = std::isnan(lqr[r]) || lqr[r] > max_r ? lqr[r] : max_r;
+  NearBox<T> b;
+  b.max_x = max_x;
+  if (std::isnan(max_x) || std::isnan(max_r)) {
+    b.x1 = W;
+    b.r1 = R;
+    std::fill(s.nx0.begin(), s.nx0.begin() + R, int64_t{0});
+    std::fill(s.nx1.begin(), s.nx1.begin() + R, W);
+    return b;
+  }
+  const T cut = FarField<T>::kFarLogQ;
+  int64_t xf = W, xl = -1, rf = R, rl = -1;
+  for (int64_t x = 0; x < W; ++x)
+    if (!(lgx[x] + max_r < cut)) {
+      xf = std::min(xf, x);
+      xl = x;
+    }
+  for (int64_t r = 0; r < R; ++r)
+    if (!(lqr[r] + max_x < cut)) {
+      rf = std::min(rf, r);
+      rl = r;
+    }
+  if (xl < 0 || rl < 0) return b;  // empty
+  b.x0 = xf / kV * kV;
+  b.x1 = std::min(W, (xl / kV + 1) * kV);
+  b.r0 = rf;
+  b.r1 = rl + 1;
+  for (int64_t r = b.r0; r < b.r1; ++r) {
+    // Drop the columns of [xf, xl] that fail the test in this row, from both ends.
+    int64_t lo = xf, hi = xl;
+    while (lo <= hi && lgx[lo] + lqr[r] < cut) ++lo;
+    while (hi >= lo && lgx[hi] + lqr[r] < cut) --hi;
+    if (lo > hi) {
+      s.nx0[r] = s.nx1[r] = b.x0;
+    } else {
+      s.nx0[r] = lo / kV * kV;
+      s.nx1[r] = std::min(W, (hi / kV + 1) * kV);
+    }
+  }
+  return b;
+}
+
+// Smallest p the far part of row r may hold (rows of the box: their far columns have
+// lq_fast < kFarLogQ; other rows: lq_fast <= row lq + max log gx).
+template <typename T>
+inline T far_min_p(const NearBox<T>& b, const Scratch<T>& s, int64_t r) {
+  if (r >= b.r0 && r < b.r1) return FarField<T>::min_p(FarField<T>::kFarLogQ);
+  return FarField<T>::min_p(s.row_lq[r] + b.max_x);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------------------------
 
@@ -428,18 +560,39 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
   constexpr int64_t kV = Vec<T>::size();
   const int64_t N = ax.size(), W = ax.len[0], R = ax.rows();
   T shift = 0, denom = 1, inv = 1;
+  T min_logit = std::numeric_limits<T>::quiet_NaN();  // softmax only
   s.uniform_fallback = false;
   switch (a.norm) {
     case Normalization::Softmax: {
       // Max-subtraction: exp never overflows and the largest term is exactly 1, so denom is in
       // [1, N]. A -inf logit gives exp(-inf) = 0; an all -inf map gives NaN, like torch.softmax.
-      Vec<T> vmax(-std::numeric_limits<T>::infinity());
-      for (int64_t i = 0; i < N; i += kV) {
-        const int64_t cnt = std::min(kV, N - i);
-        vmax = at::vec::maximum(vmax, load_part(z + i, cnt, -std::numeric_limits<T>::infinity()));
+      // Max and min (for the far field of JS) with the plain, NaN-blind vector max / min in
+      // two independent chains; NaN logits are caught by their own unordered compare.
+      constexpr T kInf = std::numeric_limits<T>::infinity();
+      Vec<T> mx0(-kInf), mx1(-kInf), mn0(kInf), mn1(kInf), nan0(T(0)), nan1(T(0));
+      int64_t i = 0;
+      for (; i + 2 * kV <= N; i += 2 * kV) {
+        const Vec<T> z0 = Vec<T>::loadu(z + i), z1 = Vec<T>::loadu(z + i + kV);
+        mx0 = at::vec::clamp_min(z0, mx0);
+        mx1 = at::vec::clamp_min(z1, mx1);
+        mn0 = at::vec::clamp_max(z0, mn0);
+        mn1 = at::vec::clamp_max(z1, mn1);
+        nan0 = nan0 | (z0 != z0);
+        nan1 = nan1 | (z1 != z1);
       }
+      for (; i < N; i += kV) {
+        const int64_t cnt = std::min(kV, N - i);
+        const Vec<T> zl = load_part(z + i, cnt, -kInf), zh = load_part(z + i, cnt, kInf);
+        mx0 = at::vec::clamp_min(zl, mx0);
+        mn0 = at::vec::clamp_max(zh, mn0);
+        nan0 = nan0 | (zl != zl);
+      }
+      const bool any_nan = (nan0 | nan1).zero_mask() != (1 << kV) - 1;
       const T beta = static_cast<T>(a.beta);
-      shift = beta * hmax(vmax);  // beta > 0: max(beta z) = beta max(z), rounding included
+      // beta > 0: max(beta z) = beta max(z), rounding included
+      shift = any_nan ? std::numeric_limits<T>::quiet_NaN()
+                      : beta * hmax(at::vec::maximum(mx0, mx1));
+      min_logit = hmin(at::vec::minimum(mn0, mn1));
       if (!std::isfinite(shift)) {
         // NaN or +inf logit, or only -inf: torch.softmax gives NaN, and so does this map.
         const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -513,11 +666,12 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
     const T* lgx = s.log_gauss[0].data();
     const Vec<T> vinv(inv);
     Vec<T> acc(T(0));
-    for (int64_t r = 0; r < R; ++r) {
+    // The divergence summands of row r, columns [x_begin, x_end) (x_begin a multiple of kV).
+    auto divergence_cols = [&](int64_t r, int64_t x_begin, int64_t x_end) {
       const T* er = s.e.data() + r * W;
       const T* zr = z + r * W;
       const Vec<T> qr(s.row_q[r]), lqr(s.row_lq[r]);
-      for (int64_t x = 0; x < W; x += kV) {
+      for (int64_t x = x_begin; x < x_end; x += kV) {
         const int64_t cnt = std::min(kV, W - x);
         // Lanes past cnt: p = q = 0 with finite logs, so they add exactly 0.
         const Vec<T> p = load_part(er + x, cnt, T(0)) * vinv;
@@ -527,8 +681,59 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
                         lp, lq);
         acc = acc + divergence(p, q, lp, lq, a.reg, false, false, dp.fast_lq).value;
       }
+    };
+    if (std::is_same_v<T, float> && a.reg == Regularizer::JS) {
+      // Far field (see FarField): sum e where p >= kFarMinP, per-element elsewhere.
+      const NearBox<T> b = near_box(ax, s);
+      // Softmax: the smallest e of the map, exp(beta min z - shift), may clear the whole far
+      // field at once (std::exp vs the vector exp: well inside the margins of FarField).
+      const bool all_far_ok =
+          a.norm == Normalization::Softmax && !s.uniform_fallback &&
+          std::exp(static_cast<T>(a.beta) * min_logit - shift) * inv >=
+              T(2) * FarField<T>::min_p(FarField<T>::kFarLogQ);
+      Vec<T> far_acc(T(0));
+      T far_e = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const T* er = s.e.data() + r * W;
+        Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
+        auto far_cols = [&](int64_t x_begin, int64_t x_end) {
+          for (int64_t x = x_begin; x < x_end; x += kV) {
+            const int64_t cnt = std::min(kV, W - x);
+            const Vec<T> ev = load_part(er + x, cnt, std::numeric_limits<T>::infinity());
+            sum = sum + zero_tail(ev, cnt);
+            mn = at::vec::minimum(mn, ev);
+          }
+        };
+        if (r < b.r0 || r >= b.r1) {
+          if (all_far_ok) {
+            far_e += s.rows[r];
+            continue;
+          }
+          far_cols(0, W);
+          if (hmin(mn) * inv >= far_min_p(b, s, r)) {
+            far_acc = far_acc + sum;
+          } else {
+            divergence_cols(r, 0, W);
+          }
+          continue;
+        }
+        const int64_t x0 = s.nx0[r], x1 = s.nx1[r];
+        divergence_cols(r, x0, x1);
+        far_cols(0, x0);
+        far_cols(x1, W);
+        if (all_far_ok || hmin(mn) * inv >= far_min_p(b, s, r)) {
+          far_acc = far_acc + sum;
+        } else {
+          divergence_cols(r, 0, x0);
+          divergence_cols(r, x1, W);
+        }
+      }
+      far_e += hsum(far_acc);
+      loss = hsum(acc) + FarField<T>::kHalfLn2 * (far_e * inv);
+    } else {
+      for (int64_t r = 0; r < R; ++r) divergence_cols(r, 0, W);
+      loss = hsum(acc);
     }
-    loss = hsum(acc);
   }
   *reg_loss = loss;
 }
@@ -569,7 +774,7 @@ void forward_chunk(const KernelArgs& a, int64_t begin, int64_t end) {
 template <typename T>
 void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax, Scratch<T>& s,
                   const T* coords, const T* var, const T* stats, const T* gc, const T* gv, T gr,
-                  T* gz, T* gmu) {
+                  T* gz, T* gmu, bool allow_fused = true) {
   constexpr int64_t kV = Vec<T>::size();
   const int64_t N = ax.size(), W = ax.len[0], H = ax.len[1], D = ax.len[2], R = ax.rows();
   const bool is_div = a.reg == Regularizer::JS || a.reg == Regularizer::KL;
@@ -626,6 +831,8 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
   // w_i = d_q(i) q_i for the target gradient.
   const bool div_pass = is_div && (gr != T(0) || want_gmu);
   T sum_pd = 0;
+  bool fused_far = false;  // far p is formed in the write pass (softmax, see below)
+  NearBox<T> b;
   T G[kMaxSpatialDims] = {1, 1, 1};
   T prod_G = 1;
   if (div_pass) {
@@ -639,27 +846,23 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
     const Vec<T> vinv(inv);
     const SoftmaxExp<T> sm{beta, shift};
     const Rectify<T> rect{a.norm};
+    auto prob = [&](const Vec<T>& zv) -> Vec<T> {
+      if (uniform) return vinv;
+      if (a.norm == Normalization::Softmax) return sm(zv) * vinv;
+      if (a.norm == Normalization::None) return zv;
+      return rect(zv) * vinv;
+    };
     Vec<T> acc_pd(T(0));
-    for (int64_t r = 0; r < R; ++r) {
+    // Per-element divergence over row r, columns [x_begin, x_end) (x_begin a multiple of kV).
+    auto divergence_cols = [&](int64_t r, int64_t x_begin, int64_t x_end, Vec<T>& acc_w) {
       const T* zr = z + r * W;
       T* er = s.e.data() + r * W;
       T* dr = s.d.data() + r * W;
       const Vec<T> qr(s.row_q[r]), lqr(s.row_lq[r]);
-      Vec<T> acc_w(T(0));
-      for (int64_t x = 0; x < W; x += kV) {
+      for (int64_t x = x_begin; x < x_end; x += kV) {
         const int64_t cnt = std::min(kV, W - x);
         const Vec<T> zv = load_part(zr + x, cnt, T(0));
-        Vec<T> p;
-        if (uniform) {
-          p = vinv;
-        } else if (a.norm == Normalization::Softmax) {
-          p = sm(zv) * vinv;
-        } else if (a.norm == Normalization::None) {
-          p = zv;
-        } else {
-          p = rect(zv) * vinv;
-        }
-        p = zero_tail(p, cnt);
+        const Vec<T> p = zero_tail(prob(zv), cnt);
         const Vec<T> q = load_part(gx + x, cnt, T(0)) * qr;
         Vec<T> lp, lq;
         divergence_logs(dp, zv, p, q, load_part(lgx + x, cnt, T(0)) + lqr, lp, lq);
@@ -673,9 +876,86 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
           acc_w = acc_w + w;
         }
       }
-      s.rows[r] = hsum(acc_w);
+    };
+    const bool fast_js = std::is_same_v<T, float> && a.reg == Regularizer::JS;
+    if (fast_js) b = near_box(ax, s);
+    if (fast_js && allow_fused && a.norm == Normalization::Softmax && !uniform) {
+      // Softmax: sum over the far field of p d_p = ln2/2 (1 - sum of p over the box), so only
+      // the box is visited here; the write pass forms p in the far field and checks it there
+      // (a failed check redoes the map with the path below).
+      Vec<T> near_p(T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        s.d_lo[r] = s.d_hi[r] = 0;
+        s.rows[r] = 0;
+        if (r < b.r0 || r >= b.r1) continue;
+        Vec<T> acc_w(T(0));
+        divergence_cols(r, s.nx0[r], s.nx1[r], acc_w);
+        s.d_lo[r] = s.nx0[r];
+        s.d_hi[r] = s.nx1[r];
+        if (want_gmu) s.rows[r] = hsum(acc_w);
+        const T* er = s.e.data() + r * W;
+        for (int64_t x = s.nx0[r]; x < s.nx1[r]; x += kV) {
+          near_p = near_p + load_part(er + x, std::min(kV, W - x), T(0));
+        }
+      }
+      sum_pd = hsum(acc_pd) + FarField<T>::kHalfLn2 * (T(1) - hsum(near_p));
+      fused_far = true;
+    } else if (fast_js) {
+      // Far field (FarField): p only, d_p = ln2/2 and w = 0 there; d holds d_p in
+      // [d_lo, d_hi) of each row.
+      Vec<T> far_acc(T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        Vec<T> acc_w(T(0));
+        const bool near = r >= b.r0 && r < b.r1;
+        const int64_t xb = near ? s.nx0[r] : 0, xe = near ? s.nx1[r] : 0;
+        if (near) divergence_cols(r, xb, xe, acc_w);
+        const T* zr = z + r * W;
+        T* er = s.e.data() + r * W;
+        Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
+        auto far_cols = [&](int64_t x_begin, int64_t x_end) {
+          for (int64_t x = x_begin; x < x_end; x += kV) {
+            const int64_t cnt = std::min(kV, W - x);
+            const Vec<T> p = prob(load_part(zr + x, cnt, T(0)));
+            p.store(er + x, cnt);
+            if (cnt == kV) {
+              sum = sum + p;
+              mn = at::vec::clamp_max(p, mn);
+            } else {
+              sum = sum + zero_tail(p, cnt);
+              mn = at::vec::clamp_max(
+                  Vec<T>::set(Vec<T>(std::numeric_limits<T>::infinity()), p, cnt), mn);
+            }
+          }
+        };
+        far_cols(0, xb);
+        far_cols(xe, W);
+        // min p (NaN-blind) against the bound, and the sum (NaN / inf if any p is)
+        const Vec<T> ok = (mn >= Vec<T>(far_min_p(b, s, r))) & ((sum - sum) == Vec<T>(T(0)));
+        bool per_element = near;  // w is nonzero only where the divergence ran
+        if (ok.zero_mask() == 0) {
+          far_acc = far_acc + sum;
+          s.d_lo[r] = xb;
+          s.d_hi[r] = xe;
+        } else {
+          divergence_cols(r, 0, xb, acc_w);
+          divergence_cols(r, xe, W, acc_w);
+          s.d_lo[r] = 0;
+          s.d_hi[r] = W;
+          per_element = true;
+        }
+        s.rows[r] = want_gmu && per_element ? hsum(acc_w) : T(0);
+      }
+      sum_pd = hsum(acc_pd) + FarField<T>::kHalfLn2 * hsum(far_acc);
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        Vec<T> acc_w(T(0));
+        divergence_cols(r, 0, W, acc_w);
+        s.rows[r] = hsum(acc_w);
+        s.d_lo[r] = 0;
+        s.d_hi[r] = W;
+      }
+      sum_pd = hsum(acc_pd);
     }
-    sum_pd = hsum(acc_pd);
   }
 
   // dLoss/dz. For the normalized modes the divergence part enters as w (d_p - sum p d_p).
@@ -688,28 +968,77 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
     const SoftmaxExp<T> sm{beta, shift};
     const Rectify<T> rect{a.norm};
     const Vec<T> vinv(inv), vbeta(beta);
+    const T far_d = FarField<T>::kHalfLn2;  // d_p outside [d_lo, d_hi) (float JS far field)
     for (int64_t r = 0; r < R; ++r) {
       const T* zr = z + r * W;
       const T* er = s.e.data() + r * W;
       const T* dr = s.d.data() + r * W;
       T* gr_out = gz + r * W;
+      const int64_t d_lo = div_pass ? s.d_lo[r] : 0, d_hi = div_pass ? s.d_hi[r] : 0;
       const Vec<T> rowg(s.row_g[r]);
-      for (int64_t x = 0; x < W; x += kV) {
-        const int64_t cnt = std::min(kV, W - x);
-        Vec<T> g = load_part(Ax + x, cnt, T(0)) + rowg;
-        if (div_pass) g = g + vgr * load_part(dr + x, cnt, T(0)) - vshift_pd;
-        Vec<T> out;
-        if (a.norm == Normalization::Softmax) {
-          const Vec<T> p = div_pass ? load_part(er + x, cnt, T(0))
-                                    : sm(load_part(zr + x, cnt, T(0))) * vinv;
-          out = vbeta * p * g;
-        } else if (a.norm == Normalization::None) {
-          out = g;
-        } else {
-          out = rect.grad(load_part(zr + x, cnt, T(0))) * vinv * g;
+      // G outside [d_lo, d_hi): A_x + row part + gr (ln2/2 - sum p d_p)
+      const Vec<T> rowg_far(
+          s.row_g[r] + (div_pass ? gr * far_d - (normalized_p ? gr * sum_pd : T(0)) : T(0)));
+      if (fused_far) {
+        // Far field of a softmax JS map: p from the logits, checked as in the two-pass path.
+        Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
+        auto write_far = [&](int64_t x_begin, int64_t x_end) {
+          for (int64_t x = x_begin; x < x_end; x += kV) {
+            const int64_t cnt = std::min(kV, W - x);
+            const Vec<T> p = sm(load_part(zr + x, cnt, T(0))) * vinv;
+            const Vec<T> g = load_part(Ax + x, cnt, T(0)) + rowg_far;
+            (vbeta * p * g).store(gr_out + x, cnt);
+            if (cnt == kV) {
+              sum = sum + p;
+              mn = at::vec::clamp_max(p, mn);
+            } else {
+              sum = sum + zero_tail(p, cnt);
+              mn = at::vec::clamp_max(
+                  Vec<T>::set(Vec<T>(std::numeric_limits<T>::infinity()), p, cnt), mn);
+            }
+          }
+        };
+        write_far(0, d_lo);
+        write_far(d_hi, W);
+        const Vec<T> ok = (mn >= Vec<T>(far_min_p(b, s, r))) & ((sum - sum) == Vec<T>(T(0)));
+        if (ok.zero_mask() != 0) {
+          backward_map<T>(z, mu, a, ax, s, coords, var, stats, gc, gv, gr, gz, gmu, false);
+          return;
         }
-        out.store(gr_out + x, cnt);
+        for (int64_t x = d_lo; x < d_hi; x += kV) {
+          const int64_t cnt = std::min(kV, W - x);
+          const Vec<T> g = load_part(Ax + x, cnt, T(0)) + rowg +
+                           vgr * load_part(dr + x, cnt, T(0)) - vshift_pd;
+          (vbeta * load_part(er + x, cnt, T(0)) * g).store(gr_out + x, cnt);
+        }
+        continue;
       }
+      auto write = [&](int64_t x_begin, int64_t x_end, bool with_d) {
+        for (int64_t x = x_begin; x < x_end; x += kV) {
+          const int64_t cnt = std::min(kV, W - x);
+          Vec<T> g;
+          if (with_d) {
+            g = load_part(Ax + x, cnt, T(0)) + rowg + vgr * load_part(dr + x, cnt, T(0)) -
+                vshift_pd;
+          } else {
+            g = load_part(Ax + x, cnt, T(0)) + rowg_far;
+          }
+          Vec<T> out;
+          if (a.norm == Normalization::Softmax) {
+            const Vec<T> p = div_pass ? load_part(er + x, cnt, T(0))
+                                      : sm(load_part(zr + x, cnt, T(0))) * vinv;
+            out = vbeta * p * g;
+          } else if (a.norm == Normalization::None) {
+            out = g;
+          } else {
+            out = rect.grad(load_part(zr + x, cnt, T(0))) * vinv * g;
+          }
+          out.store(gr_out + x, cnt);
+        }
+      };
+      write(0, d_lo, false);
+      write(d_lo, d_hi, true);
+      write(d_hi, W, false);
     }
   }
 
@@ -720,6 +1049,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
     row_marginals(ax, s);  // w marginals along y, z from the per-row sums
     for (int k = 0; k < ax.dims; ++k) {
       const T sig = static_cast<T>(a.sigma_t);
+      // gauss_log_grad(j, S, mu, sigma_t) of dsnt_math.h, the same operations
       T dG = 0;
       for (int64_t j = 0; j < ax.len[k]; ++j)
         dG += s.gauss[k][j] * gauss_log_grad<T>(j, ax.len[k], mu[k], sig);
