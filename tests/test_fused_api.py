@@ -127,6 +127,9 @@ def test_unavailable_backend_raises_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
             dsnt_cuda.fused_dsnt(logits, backend="cuda")
+    if not dsnt_cuda.backends.triton_interpreter_enabled():
+        with pytest.raises(RuntimeError, match="backend 'triton' is not available: .*CUDA tensors"):
+            dsnt_cuda.fused_dsnt(logits, backend="triton")
     if "cpu" not in dsnt_cuda.available_backends("cpu"):
         with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
             dsnt_cuda.fused_dsnt(logits, backend="cpu")
