@@ -144,9 +144,5 @@ def sharpen_heatmaps(heatmaps, alpha):
     `soft_argmax(sharpen_heatmaps(h, alpha=6))`). A map whose powered sum is 0 becomes uniform.
     """
     check_heatmaps(heatmaps)
-    powered = heatmaps**alpha
-    total = powered.sum(dim=tuple(range(2, heatmaps.dim())), keepdim=True)
-    is_zero = total == 0
-    safe_total = torch.where(is_zero, torch.ones_like(total), total)
-    uniform = torch.full_like(powered, 1.0 / powered[0, 0].numel()) if powered.numel() else powered
-    return torch.where(is_zero, uniform, powered / safe_total)
+    powered = (heatmaps**alpha).flatten(2)
+    return reference.divide_by_sum(powered).view(heatmaps.shape)

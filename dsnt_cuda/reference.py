@@ -90,13 +90,21 @@ def normalize(logits: torch.Tensor, normalization: str = "softmax", beta: float 
     elif normalization == "none":
         p = z
     else:
-        r = _rectify(z, normalization)
-        total = r.sum(-1, keepdim=True)
-        is_zero = total == 0  # NaN != 0, so a NaN map stays NaN
-        safe_total = torch.where(is_zero, torch.ones_like(total), total)
-        uniform = torch.full_like(r, 1.0 / r.shape[-1])
-        p = torch.where(is_zero, uniform, r / safe_total)
+        p = divide_by_sum(_rectify(z, normalization))
     return p.view(logits.shape)
+
+
+def divide_by_sum(r: torch.Tensor) -> torch.Tensor:
+    """r / sum(r) over the last dim; a row whose sum is exactly 0 becomes uniform (1/N).
+
+    The division by a safe denominator keeps 0/0 out of the unused branch of `where`, so the
+    gradient of a zero row is 0, not NaN. A NaN sum is not 0: a NaN row stays NaN.
+    """
+    total = r.sum(-1, keepdim=True)
+    is_zero = total == 0
+    safe_total = torch.where(is_zero, torch.ones_like(total), total)
+    uniform = torch.full_like(r, 1.0 / r.shape[-1]) if r.shape[-1] else r
+    return torch.where(is_zero, uniform, r / safe_total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def dsnt_loss(logits, target, mask=None, reg="js", sigma_t=1.0, reg_weight=1.0,
 
 __all__ = [
     "NORMALIZATIONS", "REGULARIZERS", "COORD_LOSSES", "EPS", "accumulation_dtype",
-    "normalized_linspace", "axis_grid", "centred_pixel_grid", "normalize", "marginals",
+    "normalized_linspace", "axis_grid", "divide_by_sum", "centred_pixel_grid", "normalize", "marginals",
     "coordinates", "variance", "gaussian_heatmaps", "kl_divergence", "js_divergence",
     "regularizer_losses", "euclidean_losses", "l1_losses", "mse_losses", "coordinate_losses",
     "average_loss", "dsnt_core", "dsnt_loss",
