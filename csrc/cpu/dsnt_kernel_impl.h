@@ -41,6 +41,14 @@
 #error "define DSNT_CPU_NS before including dsnt_kernel_impl.h"
 #endif
 
+// The per-row loops are lambdas called once or more per row; g++ calls them out of line with a
+// stack frame each, which costs as much as the work on rows of one or two vectors.
+#if defined(__GNUC__)
+#define DSNT_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define DSNT_INLINE_LAMBDA
+#endif
+
 namespace dsnt_cuda::cpu::DSNT_CPU_NS {
 
 template <typename T>
@@ -167,6 +175,9 @@ struct Identity {
 // float64 always takes the real logs (its band is far wider, and it is the gradcheck dtype).
 // ----------------------------------------------------------------------------------------------
 
+// Built only with all three members given: g++ compiles implicitly defined members (here the
+// default constructor) without the file's `#pragma GCC target`, so they could not inline
+// Vec's constructor and each vector of a divergence pass paid three out-of-line calls.
 template <typename T>
 struct DivVec {
   Vec<T> value, d_p, d_q;
@@ -231,7 +242,7 @@ inline DivVec<T> divergence(const Vec<T>& p, const Vec<T>& q, const Vec<T>& lp, 
                             Regularizer reg, bool grads, bool want_dq, bool fast_lm) {
   const Vec<T> eps(div_eps<T>());
   const Vec<T> half(T(0.5));
-  DivVec<T> r;
+  DivVec<T> r{Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
   if (reg == Regularizer::KL) {
     const Vec<T> lr = lp - lq;
     r.value = p * lr;
@@ -696,7 +707,7 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
       for (int64_t r = 0; r < R; ++r) {
         const T* er = s.e.data() + r * W;
         Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
-        auto far_cols = [&](int64_t x_begin, int64_t x_end) {
+        auto far_cols = [&](int64_t x_begin, int64_t x_end) DSNT_INLINE_LAMBDA {
           for (int64_t x = x_begin; x < x_end; x += kV) {
             const int64_t cnt = std::min(kV, W - x);
             const Vec<T> ev = load_part(er + x, cnt, std::numeric_limits<T>::infinity());
@@ -846,7 +857,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
     const Vec<T> vinv(inv);
     const SoftmaxExp<T> sm{beta, shift};
     const Rectify<T> rect{a.norm};
-    auto prob = [&](const Vec<T>& zv) -> Vec<T> {
+    auto prob = [&](const Vec<T>& zv) DSNT_INLINE_LAMBDA -> Vec<T> {
       if (uniform) return vinv;
       if (a.norm == Normalization::Softmax) return sm(zv) * vinv;
       if (a.norm == Normalization::None) return zv;
@@ -912,7 +923,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
         const T* zr = z + r * W;
         T* er = s.e.data() + r * W;
         Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
-        auto far_cols = [&](int64_t x_begin, int64_t x_end) {
+        auto far_cols = [&](int64_t x_begin, int64_t x_end) DSNT_INLINE_LAMBDA {
           for (int64_t x = x_begin; x < x_end; x += kV) {
             const int64_t cnt = std::min(kV, W - x);
             const Vec<T> p = prob(load_part(zr + x, cnt, T(0)));
@@ -982,7 +993,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
       if (fused_far) {
         // Far field of a softmax JS map: p from the logits, checked as in the two-pass path.
         Vec<T> sum(T(0)), mn(std::numeric_limits<T>::infinity());
-        auto write_far = [&](int64_t x_begin, int64_t x_end) {
+        auto write_far = [&](int64_t x_begin, int64_t x_end) DSNT_INLINE_LAMBDA {
           for (int64_t x = x_begin; x < x_end; x += kV) {
             const int64_t cnt = std::min(kV, W - x);
             const Vec<T> p = sm(load_part(zr + x, cnt, T(0))) * vinv;
@@ -1013,7 +1024,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
         }
         continue;
       }
-      auto write = [&](int64_t x_begin, int64_t x_end, bool with_d) {
+      auto write = [&](int64_t x_begin, int64_t x_end, bool with_d) DSNT_INLINE_LAMBDA {
         for (int64_t x = x_begin; x < x_end; x += kV) {
           const int64_t cnt = std::min(kV, W - x);
           Vec<T> g;
