@@ -6,6 +6,11 @@
 // under the pragma, which at::vec (CPU_CAPABILITY_AVX2) and sleef.h test. Nothing here runs at
 // load time (no static initializers); dsnt_kernel.cpp calls in only on a CPU with AVX2 and FMA.
 // Other compilers / architectures get no AVX2 table and use the portable build.
+//
+// Inline functions instantiated here and elsewhere (std::vector, c10 helpers) are merged by the
+// linker into the first copy it meets. dsnt_kernel.cpp, the portable twin of this unit,
+// instantiates the same ones and links first (setuptools and CMake's GLOB both order sources by
+// path), so the merged copies are portable; tests/test_cpu_isa.py checks the built library.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DSNT_HAVE_AVX2_BUILD 1
 #pragma GCC target("avx2,fma,f16c")
