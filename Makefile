@@ -32,7 +32,7 @@ test-python:
 
 # Triton's interpreter must be switched on before triton is imported: its own process.
 test-triton:
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py tests/test_hard_maps.py
 
 test-cmake:
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/cmake_test.sh

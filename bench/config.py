@@ -12,12 +12,14 @@ SHAPES = {
     "wholebody": (64, 133, 64, 48),
     "face": (256, 98, 64, 64),
     "volume3d": (16, 17, 64, 64, 64),
+    # DESIGN.md §4's second CPU reference figure (dsntnn ~45 ms): 3-D, as many logits as pose2d
+    "lowres3d": (32, 16, 16, 16, 16),
     # not in DESIGN.md: for the smoke test and quick checks
     "tiny": (2, 3, 8, 8),
     "tiny3d": (2, 3, 4, 6, 8),
 }
-FULL_SHAPES = ("pose2d", "lowres", "wholebody", "face", "volume3d")
-DEFAULT_SHAPES = ("pose2d", "lowres")
+FULL_SHAPES = ("pose2d", "lowres", "lowres3d", "wholebody", "face", "volume3d")
+DEFAULT_SHAPES = ("pose2d", "lowres", "lowres3d")
 
 DTYPES = {
     "float32": torch.float32,

@@ -46,7 +46,7 @@ DSNT_HD T rectify(T z, Normalization mode) {
     case Normalization::Abs:
       return z < T(0) ? -z : z;
     case Normalization::Relu:
-      return z > T(0) ? z : T(0);
+      return z <= T(0) ? T(0) : z;  // a NaN logit stays NaN (NaN <= 0 is false): its map is NaN
     case Normalization::Sigmoid:
       return T(1) / (T(1) + exp(-z));
     default:

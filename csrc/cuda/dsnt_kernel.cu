@@ -5,8 +5,8 @@
 //   - warp class   (N <= 512):   a warp per map, 8 maps per 256-thread block, map in registers;
 //   - block class  (N <= 4096):  a 256-thread block per map, map in registers;
 //   - stream class (N > 4096):   a 256-thread block per map, looping over the map in global
-//     memory in tiles (forward: one pass for normalizer + shifted moments, a second pass only
-//     for js / kl; backward: one pass to write the gradient, preceded by one pass for sum(p G)
+//     memory in tiles (forward: one pass for normalizer + mean, a second for the variance about
+//     the mean and js / kl; backward: one pass to write the gradient, preceded by one pass for sum(p G)
 //     with js / kl and one for sum(p) with normalization "none").
 // On-chip classes read each map once per direction (plus the gradient write in backward) and
 // compute the variance in two passes over the registers (about the mean, never E[j^2] - c^2).
@@ -591,11 +591,12 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
       for (int k = 0; k < 3; ++k) var[k] = c2[k];
       divsum = c2[3];
     } else {
-      // ---- streamed: per-thread online (max, sum w, sum w d, sum w d^2) with d = j - centre,
-      // rescaled when the running max grows; centring on the axis middle bounds the
-      // cancellation of E[d^2] - E[d]^2 to eps * (S/2)^2 pixel^2.
+      // ---- streamed: pass 1, per-thread online (max, sum w, sum w u) with u = j - centre,
+      // rescaled when the running max grows; pass 2 (below), the variance about the mean and
+      // the divergence. (A one-pass E[u^2] - E[u]^2 loses every digit of a peaked map's
+      // variance near the edge of a large axis.)
       T mx = neg_inf<T>();
-      T acc[7] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+      T acc[4] = {T(0), T(0), T(0), T(0)};
       for (int base = 0; base < N; base += kGroup * kItems) {
         T x[kItems];
         load_tile<V, kItems, kGroup>(zmap, base, t, N, a.vec, x);
@@ -606,14 +607,15 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
             if (valid && x[k] > tm) tm = x[k];
           });
           if (tm > mx) {
-            const T sc = exp(mx - tm);  // 0 while mx == -inf
+            const T sc = exp(mx - tm);  // 0 while mx == -inf; NaN sums stay NaN (NaN * 0)
 #pragma unroll
-            for (int j = 0; j < 7; ++j) acc[j] *= sc;
+            for (int j = 0; j < 4; ++j) acc[j] *= sc;
             mx = tm;
           }
           const bool live = mx != neg_inf<T>();
+          // Before this thread has seen a finite logit, a NaN one must still reach the sums.
           for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int, int, int) {
-            x[k] = (valid && live) ? exp(x[k] - mx) : T(0);
+            x[k] = !valid ? T(0) : (live ? exp(x[k] - mx) : (x[k] != x[k] ? x[k] : T(0)));
           });
         } else if (rect) {
           for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int, int, int) {
@@ -623,14 +625,10 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
         for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int ix, int iy, int iz) {
           if (valid) {
             const T w = x[k];
-            const T d0 = T(ix) - sh[0], d1 = T(iy) - sh[1], d2 = T(iz) - sh[2];
             acc[0] += w;
-            acc[1] += w * d0;
-            acc[2] += w * d1;
-            acc[3] += w * d2;
-            acc[4] += w * d0 * d0;
-            acc[5] += w * d1 * d1;
-            acc[6] += w * d2 * d2;
+            acc[1] += w * (T(ix) - sh[0]);
+            acc[2] += w * (T(iy) - sh[1]);
+            acc[3] += w * (T(iz) - sh[2]);
           }
         });
       }
@@ -638,65 +636,52 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
         shift = group_max<kGroup>(mx, red);
         const T sc = mx == neg_inf<T>() ? T(0) : exp(mx - shift);
 #pragma unroll
-        for (int j = 0; j < 7; ++j) acc[j] *= sc;
+        for (int j = 0; j < 4; ++j) acc[j] *= sc;
       }
       group_sum<kGroup>(acc, red);
       bool uniform = false;
-      T A[3], B[3];
       if (none) {
         P = acc[0];
 #pragma unroll
-        for (int k = 0; k < 3; ++k) {
-          A[k] = acc[1 + k];
-          B[k] = acc[4 + k];
-        }
+        for (int k = 0; k < 3; ++k) ubar[k] = acc[1 + k];
       } else {
         denom = acc[0];
         uniform = rect && denom == T(0);
-        const T inv = T(1) / denom;
 #pragma unroll
-        for (int k = 0; k < 3; ++k) {
-          A[k] = acc[1 + k] * inv;
-          B[k] = acc[4 + k] * inv;
-        }
+        for (int k = 0; k < 3; ++k) ubar[k] = uniform ? T(0) : acc[1 + k] / denom;
       }
+      // ---- pass 2: sum p (u - ubar)^2 per axis (as the on-chip classes) and the divergence.
+      const T inv = T(1) / denom;
+      const T inv_n = T(1) / T(N);
+      T kappa[3];
 #pragma unroll
-      for (int k = 0; k < 3; ++k) {
-        if (uniform) {
-          const T S = T(g.S[k]);
-          ubar[k] = T(0);
-          var[k] = (S * S - T(1)) / T(12);
-        } else {
-          // A = sum p u, B = sum p u^2 with u = j - centre: sum p (u - A)^2 = B - A^2 (2 - P).
-          ubar[k] = A[k];
-          const T v = B[k] - A[k] * A[k] * (T(2) - P);
-          var[k] = v < T(0) ? T(0) : v;  // rounding only; NaN passes through
-        }
-      }
-      if (div) {
-        const T inv = T(1) / denom;
-        const T inv_n = T(1) / T(N);
-        T d1[1] = {T(0)};
-        for (int base = 0; base < N; base += kGroup * kItems) {
-          T x[kItems];
-          load_tile<V, kItems, kGroup>(zmap, base, t, N, a.vec, x);
-          for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int ix, int iy, int iz) {
-            if (valid) {
-              T p;
-              if (softmax) {
-                p = exp(a.beta * x[k] - shift) * inv;
-              } else if (none) {
-                p = x[k];
-              } else {
-                p = uniform ? inv_n : rectify<T>(x[k], a.mode) * inv;
-              }
-              d1[0] += divergence_term<T>(p, tg.q(ix, iy, iz), a.reg).value;
+      for (int k = 0; k < 3; ++k) kappa[k] = sh[k] + ubar[k];
+      T c2[4] = {T(0), T(0), T(0), T(0)};
+      for (int base = 0; base < N; base += kGroup * kItems) {
+        T x[kItems];
+        load_tile<V, kItems, kGroup>(zmap, base, t, N, a.vec, x);
+        for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int ix, int iy, int iz) {
+          if (valid) {
+            T p;
+            if (softmax) {
+              p = exp(a.beta * x[k] - shift) * inv;
+            } else if (none) {
+              p = x[k];
+            } else {
+              p = uniform ? inv_n : rectify<T>(x[k], a.mode) * inv;
             }
-          });
-        }
-        group_sum<kGroup>(d1, red);
-        divsum = d1[0];
+            const T dx = T(ix) - kappa[0], dy = T(iy) - kappa[1], dz = T(iz) - kappa[2];
+            c2[0] += p * dx * dx;
+            c2[1] += p * dy * dy;
+            c2[2] += p * dz * dz;
+            if (div) c2[3] += divergence_term<T>(p, tg.q(ix, iy, iz), a.reg).value;
+          }
+        });
       }
+      group_sum<kGroup>(c2, red);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) var[k] = c2[k];
+      divsum = c2[3];
     }
     if (t == 0) write_fwd(a, m, shift, none ? T(1) : denom, P, ubar, var, divsum);
   }

@@ -1,0 +1,142 @@
+"""Maps that broke a kernel once, run on every fused backend this process can reach.
+
+- a NaN logit in a relu map (a scalar `z > 0 ? z : 0` turned it into 0);
+- a NaN logit among -inf logits of a map too large for on-chip memory (the streamed softmax
+  zeroed every element before its first finite logit, NaN included);
+- a peaked map near the edge of a long axis (a one-pass E[u^2] - E[u]^2 variance lost every
+  digit there);
+- a large "none" map with negative entries (its variance is negative; a clamp made it 0).
+
+Backends: "cpu" (the compiled CPU kernels), "cuda" and "triton" on a GPU; under
+TRITON_INTERPRET=1 (make test-triton) only "triton", on CPU tensors. Unreachable ones skip.
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from dsnt_cuda import _extension, reference
+from dsnt_cuda.dispatch import dsnt_core
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_GPU = torch.cuda.is_available()
+
+
+def backend_device(backend):
+    """The device `backend` runs on here, or pytest.skip with the reason."""
+    if INTERPRETER:
+        if backend != "triton":
+            pytest.skip("the interpreter run covers the triton backend only")
+        return "cpu"
+    if backend == "cpu":
+        if not _extension.has_kernel("dsnt_fwd", "CPU"):
+            pytest.skip("the CPU kernels are not built")
+        return "cpu"
+    if not HAS_GPU:
+        pytest.skip(f"the {backend} backend needs a CUDA GPU")
+    if backend == "cuda" and not _extension.has_kernel("dsnt_fwd", "CUDA"):
+        pytest.skip("the extension was built without CUDA")
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return "cuda"
+
+
+BACKENDS = ("cpu", "cuda", "triton")
+
+
+def run(backend, device, z, target, normalization, reg, upstream_seed=0):
+    """(coords, variance, reg_losses) and dLoss/dz of a fixed random upstream gradient."""
+    z = z.to(device).requires_grad_(True)
+    target = target.to(device)
+    outs = dsnt_core(z, target, normalization, 1.0, True, reg, 1.0, backend)
+    g = torch.Generator().manual_seed(upstream_seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    (grad,) = torch.autograd.grad(loss, z)
+    return [o.detach().cpu().double() for o in outs], grad.cpu().double()
+
+
+def random_target(B, L, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, L, n, generator=g) * 1.6 - 0.8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 2, 16, 16), (2, 2, 80, 80), (2, 2, 5000)], ids=str)
+def test_nan_in_relu_map(backend, shape):
+    device = backend_device(backend)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    z.view(2, 2, -1)[1, 0, 7] = math.nan
+    for reg in ("none", "js"):
+        outs, grad = run(backend, device, z, random_target(2, 2, len(shape) - 2), "relu", reg)
+        for name, o in zip(("coords", "variance", "reg_losses"), outs):
+            if reg == "none" and name == "reg_losses":
+                continue
+            assert o[1, 0].isnan().all(), f"{name} of the NaN map is not NaN ({backend}, {reg})"
+            others = torch.ones(2, 2, dtype=torch.bool)
+            others[1, 0] = False
+            assert o[others].isfinite().all(), f"{name}: NaN leaked to other maps ({backend}, {reg})"
+        assert grad[1, 0].isnan().any() and grad[0].isfinite().all() and grad[1, 1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 2, 64, 80), (1, 2, 5000)], ids=str)
+def test_nan_among_leading_minus_inf_in_large_softmax_map(backend, shape):
+    device = backend_device(backend)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    flat = z.view(1, 2, -1)
+    flat[0, 0, :1100] = -math.inf  # every thread's first elements are -inf ...
+    flat[0, 0, 1] = math.nan  # ... and one of them is NaN
+    flat[0, 1, :1100] = -math.inf  # the same band without the NaN: a finite map
+    outs, grad = run(backend, device, z, random_target(1, 2, len(shape) - 2), "softmax", "js")
+    for name, o in zip(("coords", "variance", "reg_losses"), outs):
+        assert o[0, 0].isnan().all(), f"{name} of the NaN map is not NaN ({backend})"
+        assert o[0, 1].isfinite().all(), f"{name} of the -inf map is not finite ({backend})"
+    assert grad[0, 0].isnan().all() and grad[0, 1].isfinite().all()
+
+
+def peaked_logits(shape, peak, width):
+    """log of a Gaussian bump of `width` pixels at pixel `peak` (per spatial axis)."""
+    z = torch.zeros(shape, dtype=torch.float64)
+    for axis, (size, centre) in enumerate(zip(shape[2:], peak)):
+        j = torch.arange(size, dtype=torch.float64) - centre
+        view = [1] * len(shape)
+        view[2 + axis] = size
+        z = z - (j * j / (2 * width * width)).view(view)
+    return z.float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape, peak", [((1, 1, 8192), (3,)), ((1, 1, 10000), (9994,)), ((1, 1, 300, 400), (397, 2))],
+    ids=str,
+)
+def test_variance_of_a_peak_at_the_edge_of_a_long_axis(backend, shape, peak):
+    device = backend_device(backend)
+    z = peaked_logits(shape, peak, width=0.8)
+    target = random_target(1, 1, len(shape) - 2)
+    outs, _ = run(backend, device, z, target, "softmax", "var")
+    expected = reference.dsnt_core(z.double(), target.double(), "softmax", 1.0, True, "var", 1.0)
+    variance, reference_variance = outs[1], expected[1]
+    # The bump's variance is ~0.64 px^2; a cancelling formula gives 0 or ~1 here.
+    assert torch.allclose(variance, reference_variance, rtol=1e-3, atol=1e-5), (
+        f"{backend}: variance {variance.flatten().tolist()} vs {reference_variance.flatten().tolist()}"
+    )
+    assert torch.allclose(outs[2], expected[2], rtol=1e-3, atol=1e-5), "var regularizer"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 2, 70, 70), (1, 2, 6000)], ids=str)
+def test_negative_variance_of_a_large_none_map(backend, shape):
+    device = backend_device(backend)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    target = random_target(1, 2, len(shape) - 2)
+    outs, _ = run(backend, device, z, target, "none", "none")
+    expected = reference.dsnt_core(z.double(), target.double(), "none", 1.0, True, "none", 1.0)
+    assert (expected[1] < 0).any(), "the test needs a map whose variance is negative"
+    assert torch.allclose(outs[1], expected[1], rtol=1e-3, atol=1e-6), (
+        f"{backend}: variance {outs[1].flatten().tolist()} vs {expected[1].flatten().tolist()}"
+    )
