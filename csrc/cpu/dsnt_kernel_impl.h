@@ -107,6 +107,58 @@ inline T hmin(const Vec<T>& v) {
   return m;
 }
 
+// Whether every lane is >= bound (a NaN lane is not), without leaving the vector registers.
+template <typename T>
+inline bool all_at_least(const Vec<T>& v, T bound) {
+  return (v >= Vec<T>(bound)).zero_mask() == 0;
+}
+
+// log(x) of the divergence's eps-shifted arguments, inline: at::vec's log is an out-of-line Sleef
+// call, and the call (with every live vector spilled around it) cost more than the logarithm.
+// float, AVX2: Cephes' logf (frexp, then a degree-9 polynomial about 1), within 2 ulp
+// (tests/cpp/test_cpu_math.cpp); lanes that are not positive normal finite numbers, and double,
+// go to Sleef.
+template <typename T>
+inline Vec<T> log_eps_arg(const Vec<T>& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 v = x;
+    // frexp: x = m 2^e with m in [0.5, 1) (x is normal: >= 1e-24)
+    const __m256i bits = _mm256_castps_si256(v);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
+    __m256 m = _mm256_or_ps(_mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x807fffff))),
+                            _mm256_set1_ps(0.5f));
+    // m < sqrt(1/2): use 2m - 1 and e - 1, so the polynomial's argument stays in [-0.29, 0.41]
+    const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_epi32(e, _mm256_and_si256(_mm256_castps_si256(small), _mm256_set1_epi32(1)));
+    const __m256 t = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(m, small)), _mm256_set1_ps(1.0f));
+    const __m256 fe = _mm256_cvtepi32_ps(e);
+    const __m256 z = _mm256_mul_ps(t, t);
+    __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.1514610310e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(1.1676998740e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.2420140846e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(1.4249322787e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.6668057665e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(2.0000714765e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-2.4999993993e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(3.3333331174e-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, t), z);
+    y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    __m256 r = _mm256_add_ps(t, y);
+    r = _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), r);
+    // Zero, subnormal, negative, NaN or +inf lanes (never from x + eps with x >= 0): Sleef.
+    const __m256 special =
+        _mm256_or_ps(_mm256_cmp_ps(v, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_NGE_UQ),
+                     _mm256_cmp_ps(v, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
+    if (_mm256_movemask_ps(special) == 0) return r;
+    return _mm256_blendv_ps(r, x.log(), special);
+  }
+#endif
+  return x.log();
+}
+
 // ----------------------------------------------------------------------------------------------
 // Per-element maps z -> unnormalized probability e (p = e * inv_denom)
 // ----------------------------------------------------------------------------------------------
@@ -198,7 +250,7 @@ inline Vec<T> log_eps_from(const Vec<T>& x, const Vec<T>& fast_log) {
   Vec<T> result = at::vec::clamp_min(fast_log, log_eps);
   const Vec<T> band = (x < Vec<T>(LogBand<T>::kBandHi)) & (x > Vec<T>(LogBand<T>::kBandLo));
   if (band.zero_mask() != (1 << Vec<T>::size()) - 1) {
-    result = Vec<T>::blendv(result, (x + Vec<T>(div_eps<T>())).log(), band);
+    result = Vec<T>::blendv(result, log_eps_arg(x + Vec<T>(div_eps<T>())), band);
   }
   return result;
 }
@@ -208,7 +260,7 @@ template <typename T>
 inline Vec<T> log_mid(const Vec<T>& p, const Vec<T>& q, const Vec<T>& m, const Vec<T>& lp,
                       const Vec<T>& lq, bool fast) {
   const Vec<T> eps(div_eps<T>());
-  if (!fast) return (m + eps).log();
+  if (!fast) return log_eps_arg(m + eps);
   const Vec<T> lo = at::vec::minimum(p, q), hi = at::vec::maximum(p, q);
   const Vec<T> log_eps(std::log(div_eps<T>()));
   Vec<T> result =
@@ -216,7 +268,7 @@ inline Vec<T> log_mid(const Vec<T>& p, const Vec<T>& q, const Vec<T>& m, const V
   const Vec<T> exact = (lo > hi * Vec<T>(T(1.0 / 33554432.0))) |
                        ((m < Vec<T>(LogBand<T>::kBandHi)) & (m > Vec<T>(LogBand<T>::kBandLo)));
   if (exact.zero_mask() != (1 << Vec<T>::size()) - 1) {
-    result = Vec<T>::blendv(result, (m + eps).log(), exact);
+    result = Vec<T>::blendv(result, log_eps_arg(m + eps), exact);
   }
   return result;
 }
@@ -276,9 +328,9 @@ inline void divergence_logs(const DivPass<T>& c, const Vec<T>& z, const Vec<T>& 
   if (c.fast_lp) {
     lp = log_eps_from(p, z * Vec<T>(c.beta) - Vec<T>(c.shift + c.log_denom));
   } else {
-    lp = (p + Vec<T>(div_eps<T>())).log();
+    lp = log_eps_arg(p + Vec<T>(div_eps<T>()));
   }
-  lq = c.fast_lq ? log_eps_from(q, lq_fast) : (q + Vec<T>(div_eps<T>())).log();
+  lq = c.fast_lq ? log_eps_from(q, lq_fast) : log_eps_arg(q + Vec<T>(div_eps<T>()));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -497,18 +549,47 @@ struct FarField {
   }
 };
 
+// Bits of the lanes of v[begin, end) (begin a multiple of kV) that satisfy v + add >= cut, one
+// vector at a time: the first and last such index, or first = -1 when there is none.
+template <typename T>
+inline void passing_range(const T* v, int64_t begin, int64_t end, T add, T cut, int64_t& first,
+                          int64_t& last) {
+  constexpr int64_t kV = Vec<T>::size();
+  constexpr int kAll = (1 << kV) - 1;
+  const Vec<T> vadd(add), vcut(cut);
+  first = last = -1;
+  for (int64_t x = begin; x < end; x += kV) {
+    const int64_t cnt = std::min(kV, end - x);
+    // -inf fill: lanes past the end never pass
+    const Vec<T> pass = (load_part(v + x, cnt, -std::numeric_limits<T>::infinity()) + vadd) >= vcut;
+    const int bits = ~pass.zero_mask() & kAll;
+    if (bits == 0) continue;
+    if (first < 0) first = x + __builtin_ctz(bits);
+    last = x + (31 - __builtin_clz(bits));
+  }
+}
+
+// Largest value of v[0, n); NaN if any is NaN.
+template <typename T>
+inline T max_of(const T* v, int64_t n) {
+  constexpr int64_t kV = Vec<T>::size();
+  Vec<T> mx(-std::numeric_limits<T>::infinity());
+  for (int64_t i = 0; i < n; i += kV)
+    mx = at::vec::maximum(mx, load_part(v + i, std::min(kV, n - i), -std::numeric_limits<T>::infinity()));
+  return hmax(mx);
+}
+
 // The box outside of which every lq_fast < kFarLogQ (NaN logs make the whole map near), and
 // for each of its rows r the columns [nx0[r], nx1[r]) (vector-aligned) outside of which
-// lq_fast < kFarLogQ too (the box is a square around a disc).
+// lq_fast < kFarLogQ too (the box is a square around a disc). Vector compares throughout: on
+// 3-D maps of 16-pixel rows this ran once per row of two vectors and cost as much as they did.
 template <typename T>
 inline NearBox<T> near_box(const Axes<T>& ax, Scratch<T>& s) {
   constexpr int64_t kV = Vec<T>::size();
   const int64_t W = ax.len[0], R = ax.rows();
   const T* lgx = s.log_gauss[0].data();
   const T* lqr = s.row_lq.data();
-  T max_x = -std::numeric_limits<T>::infinity(), max_r = max_x;
-  for (int64_t x = 0; x < W; ++x) max_x = std::isnan(lgx[x]) || lgx[x] > max_x ? lgx[x] : max_x;
-  for (int64_t r = 0; r < R; ++r) max_r = std::isnan(lqr[r]) || lqr[r] > max_r ? lqr[r] : max_r;
+  const T max_x = max_of(lgx, W), max_r = max_of(lqr, R);
   NearBox<T> b;
   b.max_x = max_x;
   if (std::isnan(max_x) || std::isnan(max_r)) {
@@ -519,28 +600,19 @@ inline NearBox<T> near_box(const Axes<T>& ax, Scratch<T>& s) {
     return b;
   }
   const T cut = FarField<T>::kFarLogQ;
-  int64_t xf = W, xl = -1, rf = R, rl = -1;
-  for (int64_t x = 0; x < W; ++x)
-    if (!(lgx[x] + max_r < cut)) {
-      xf = std::min(xf, x);
-      xl = x;
-    }
-  for (int64_t r = 0; r < R; ++r)
-    if (!(lqr[r] + max_x < cut)) {
-      rf = std::min(rf, r);
-      rl = r;
-    }
-  if (xl < 0 || rl < 0) return b;  // empty
+  int64_t xf, xl, rf, rl;
+  passing_range(lgx, 0, W, max_r, cut, xf, xl);
+  passing_range(lqr, 0, R, max_x, cut, rf, rl);
+  if (xf < 0 || rf < 0) return b;  // empty
   b.x0 = xf / kV * kV;
   b.x1 = std::min(W, (xl / kV + 1) * kV);
   b.r0 = rf;
   b.r1 = rl + 1;
   for (int64_t r = b.r0; r < b.r1; ++r) {
-    // Drop the columns of [xf, xl] that fail the test in this row, from both ends.
-    int64_t lo = xf, hi = xl;
-    while (lo <= hi && lgx[lo] + lqr[r] < cut) ++lo;
-    while (hi >= lo && lgx[hi] + lqr[r] < cut) --hi;
-    if (lo > hi) {
+    // A column passing in row r passes with max_r too, so it lies in [x0, x1).
+    int64_t lo, hi;
+    passing_range(lgx, b.x0, b.x1, lqr[r], cut, lo, hi);
+    if (lo < 0) {
       s.nx0[r] = s.nx1[r] = b.x0;
     } else {
       s.nx0[r] = lo / kV * kV;
@@ -721,7 +793,7 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
             continue;
           }
           far_cols(0, W);
-          if (hmin(mn) * inv >= far_min_p(b, s, r)) {
+          if (all_at_least(mn * vinv, far_min_p(b, s, r))) {
             far_acc = far_acc + sum;
           } else {
             divergence_cols(r, 0, W);
@@ -732,7 +804,7 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
         divergence_cols(r, x0, x1);
         far_cols(0, x0);
         far_cols(x1, W);
-        if (all_far_ok || hmin(mn) * inv >= far_min_p(b, s, r)) {
+        if (all_far_ok || all_at_least(mn * vinv, far_min_p(b, s, r))) {
           far_acc = far_acc + sum;
         } else {
           divergence_cols(r, 0, x0);
