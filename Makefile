@@ -27,12 +27,17 @@ build: venv
 test: build
 	$(MAKE) test-python test-triton test-cmake
 
+# The second run is the GPU tests' dry run: their own code, on CPU tensors against the CPU
+# kernels (DSNT_GPU_TESTS_ON=cpu), so a GPU machine is not the first to execute it.
 test-python:
 	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py
+	DSNT_GPU_TESTS_ON=cpu $(VPY) -m pytest -q tests/test_ops_cuda.py
 
-# Triton's interpreter must be switched on before triton is imported: its own process.
+# Triton's interpreter must be switched on before triton is imported: its own process. The GPU
+# Triton tests run here too, on CPU tensors (their dry run, as above).
 test-triton:
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py tests/test_hard_maps.py
+	TRITON_INTERPRET=1 DSNT_GPU_TESTS_ON=cpu $(VPY) -m pytest -q tests/test_triton_gpu.py
 
 test-cmake:
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/cmake_test.sh

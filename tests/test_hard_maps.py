@@ -5,7 +5,10 @@
   zeroed every element before its first finite logit, NaN included);
 - a peaked map near the edge of a long axis (a one-pass E[u^2] - E[u]^2 variance lost every
   digit there);
-- a large "none" map with negative entries (its variance is negative; a clamp made it 0).
+- a large "none" map with negative entries (its variance is negative; a clamp made it 0);
+- huge logits with beta != 1 (the exponent as beta z - shift, fused into an fma in one place and
+  not another, put the largest term far from 1, or at inf for logits of 1e30);
+- an axis longer than 46340 pixels (int32 S * S wrapped in the Gaussian target).
 
 Backends: "cpu" (the compiled CPU kernels), "cuda" and "triton" on a GPU; under
 TRITON_INTERPRET=1 (make test-triton) only "triton", on CPU tensors. Unreachable ones skip.
@@ -48,11 +51,11 @@ def backend_device(backend):
 BACKENDS = ("cpu", "cuda", "triton")
 
 
-def run(backend, device, z, target, normalization, reg, upstream_seed=0):
+def run(backend, device, z, target, normalization, reg, upstream_seed=0, beta=1.0):
     """(coords, variance, reg_losses) and dLoss/dz of a fixed random upstream gradient."""
     z = z.to(device).requires_grad_(True)
     target = target.to(device)
-    outs = dsnt_core(z, target, normalization, 1.0, True, reg, 1.0, backend)
+    outs = dsnt_core(z, target, normalization, beta, True, reg, 1.0, backend)
     g = torch.Generator().manual_seed(upstream_seed)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
     (grad,) = torch.autograd.grad(loss, z)
@@ -140,3 +143,32 @@ def test_negative_variance_of_a_large_none_map(backend, shape):
     assert torch.allclose(outs[1], expected[1], rtol=1e-3, atol=1e-6), (
         f"{backend}: variance {outs[1].flatten().tolist()} vs {expected[1].flatten().tolist()}"
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 2, 3, 3), (1, 2, 80, 80)], ids=str)
+@pytest.mark.parametrize("big", [1e7, 1e30])
+def test_huge_logits_with_beta_not_one(backend, shape, big):
+    device = backend_device(backend)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    z[0, 0].view(-1)[0] = big  # one dominant pixel: p is one-hot there
+    z[0, 1] = z[0, 1] * 1e-3 + big  # a whole map near `big`: beta z loses the small differences
+    target = random_target(1, 2, 2)
+    outs, grad = run(backend, device, z, target, "softmax", "js", beta=1.3)
+    expected = reference.dsnt_core(z.double(), target.double(), "softmax", 1.3, True, "js", 1.0)
+    for name, o, e in zip(("coords", "variance", "reg_losses"), outs, expected):
+        assert o.isfinite().all(), f"{name} not finite ({backend}, {big})"
+        assert torch.allclose(o, e, rtol=1e-4, atol=1e-5), f"{name} ({backend}, {big}): {o} vs {e}"
+    assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reg", ["js", "kl"])
+def test_axis_longer_than_46340(backend, reg):
+    device = backend_device(backend)
+    z = torch.randn(1, 1, 50000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.tensor([[[0.1]]], dtype=torch.float64)
+    outs, grad = run(backend, device, z, target, "softmax", reg)
+    expected = reference.dsnt_core(z, target, "softmax", 1.0, True, reg, 1.0)
+    assert torch.allclose(outs[2], expected[2], rtol=1e-9), f"{backend}: {outs[2]} vs {expected[2]}"
+    assert grad.isfinite().all()

@@ -2,14 +2,25 @@
 gradients, `torch.library.opcheck` of the triton_ops, torch.compile(fullgraph=True) parity, and
 shapes large enough to take the looped path. Skipped without a GPU (the interpreter tests in
 test_triton_interpreter.py cover the kernels' math on CPU).
+
+With TRITON_INTERPRET=1 and DSNT_GPU_TESTS_ON=cpu (make test-triton sets both) the same checks
+run on CPU tensors in the interpreter, "parity with the C++ op" against the CPU kernels, so the
+test code itself runs without a GPU; opcheck and torch.compile skip there (the interpreter reads
+data pointers, which fake tensors do not have).
 """
+
+import os
 
 import pytest
 import torch
 
+DEVICE = os.environ.get("DSNT_GPU_TESTS_ON", "cuda")
+DRY_RUN = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+needs_real_gpu = pytest.mark.skipif(DRY_RUN, reason="fake tensors cannot run in the interpreter")
+
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not (torch.cuda.is_available() or DRY_RUN), reason="needs a CUDA GPU"),
 ]
 
 triton = pytest.importorskip("triton")
@@ -19,7 +30,7 @@ from dsnt_cuda.triton import ops as tops  # noqa: E402
 
 NORMS = ("softmax", "abs", "relu", "sigmoid", "none")
 REGS = ("none", "js", "kl", "var")
-DEVICE = "cuda"
+CXX_DISPATCH_KEY = "CPU" if DEVICE == "cpu" else "CUDA"  # the C++ op the Triton one is compared to
 
 
 def make_inputs(shape, normalization, dtype=torch.float32, seed=0):
@@ -68,7 +79,11 @@ def check(shape, options, dtype=torch.float32, seed=0, tol=5e-5):
     assert gz.dtype == z.dtype
     assert_close(gz, ref_gz, gtol, gtol * ref_gz.abs().max().item(), "grad_logits")
     if options[3] in ("js", "kl"):
-        assert_close(gt, ref_gt, tol, tol * max(ref_gt.abs().max().item(), 1.0), "grad_target")
+        # float32 sums of terms ~1/s_k (s_k = 2 sigma_t / S_k) that cancel: on long axes this
+        # gradient holds ~1e-4 of its scale, in the CPU and CUDA kernels alike (their tests allow
+        # 2e-4). Found by running this file on CPU tensors in the interpreter.
+        ttol = tol if dtype == torch.float64 else max(tol, 2e-4)
+        assert_close(gt, ref_gt, ttol, ttol * max(ref_gt.abs().max().item(), 1.0), "grad_target")
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -105,7 +120,7 @@ def test_gradcheck_float64():
         )
 
 
-@pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CUDA"), reason="CUDA C++ ops not built")
+@pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", CXX_DISPATCH_KEY), reason="C++ ops not built")
 @pytest.mark.parametrize("reg", REGS)
 @pytest.mark.parametrize("normalization", NORMS)
 def test_parity_with_cuda_op(normalization, reg):
@@ -121,6 +136,7 @@ def test_parity_with_cuda_op(normalization, reg):
     torch.testing.assert_close(gt, gt2, rtol=1e-4, atol=1e-5)
 
 
+@needs_real_gpu
 @pytest.mark.parametrize("reg", REGS)
 @pytest.mark.parametrize("normalization", ["softmax", "relu", "none"])
 def test_opcheck(normalization, reg):
@@ -137,6 +153,7 @@ def test_opcheck(normalization, reg):
     )
 
 
+@needs_real_gpu
 def test_torch_compile_fullgraph_parity():
     z, target, _ = make_inputs((4, 16, 64, 64), "softmax", torch.float32, seed=7)
 

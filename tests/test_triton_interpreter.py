@@ -85,8 +85,8 @@ def expected_stats(z, normalization, beta):
     """[shift, denom] of csrc/OPS.md: what backward needs to recompute p."""
     z = z.to(torch.float64).flatten(2)
     if normalization == "softmax":
-        shift = (beta * z).amax(-1)
-        denom = torch.exp(beta * z - shift.unsqueeze(-1)).sum(-1)
+        shift = z.amax(-1)  # the unscaled largest logit
+        denom = torch.exp(beta * (z - shift.unsqueeze(-1))).sum(-1)
     elif normalization == "none":
         shift, denom = torch.zeros(z.shape[:2], dtype=z.dtype), torch.ones(z.shape[:2], dtype=z.dtype)
     else:

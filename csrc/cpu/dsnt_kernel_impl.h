@@ -164,14 +164,17 @@ inline Vec<T> log_eps_arg(const Vec<T>& x) {
 // ----------------------------------------------------------------------------------------------
 
 template <typename T>
-struct SoftmaxExp {  // e = exp(beta z - shift), shift = max(beta z): every e <= 1, no overflow
+struct SoftmaxExp {  // e = exp(beta (z - shift)), shift = max z: every e <= 1, the largest is 1
   T beta, shift;
+  // beta (z - shift), not beta z - shift: the compiler may fuse the latter into an fma in one
+  // pass and not in another, and for a large beta z its rounding left the largest term far from
+  // 1 (logits of 1e30 with beta 1.3 overflowed to inf, then NaN).
   // at::vec's inline polynomial exp (~20 ulp in float, i.e. 1e-6 relative on p, well inside what
   // float accumulation of a map gives; std exp for double). It maps NaN to a number, so callers
   // run it only on maps with a finite shift (a NaN or +inf logit, or an all -inf map, gives a
   // non-finite shift and is handled as a NaN map before any exp).
   Vec<T> operator()(const Vec<T>& z) const {
-    return (z * Vec<T>(beta) - Vec<T>(shift)).exp_u20();
+    return ((z - Vec<T>(shift)) * Vec<T>(beta)).exp_u20();
   }
 };
 
@@ -217,7 +220,7 @@ struct Identity {
 // result beyond float rounding. fl(x + eps) == x once x >= kBandHi (eps is below half an ulp of
 // x), and fl(x + eps) == eps once x <= kBandLo; only x in between needs log(x + eps) itself.
 // Outside that band
-//   log(p + eps) = max(beta z - shift - log(denom), log eps)   (softmax: p = exp(..) / denom)
+//   log(p + eps) = max(beta (z - shift) - log(denom), log eps)   (softmax: p = exp(..) / denom)
 //   log(q + eps) = max(log gx + log gy + log gz - log(prod G + eps), log eps)
 // where log g_k = -(v - mu)^2 / (2 s^2) is known without a log. A vector takes the real log only
 // if one of its lanes lies in the band. JS's third log, log(m + eps) with m = (p + q)/2, is
@@ -326,7 +329,7 @@ template <typename T>
 inline void divergence_logs(const DivPass<T>& c, const Vec<T>& z, const Vec<T>& p,
                             const Vec<T>& q, const Vec<T>& lq_fast, Vec<T>& lp, Vec<T>& lq) {
   if (c.fast_lp) {
-    lp = log_eps_from(p, z * Vec<T>(c.beta) - Vec<T>(c.shift + c.log_denom));
+    lp = log_eps_from(p, (z - Vec<T>(c.shift)) * Vec<T>(c.beta) - Vec<T>(c.log_denom));
   } else {
     lp = log_eps_arg(p + Vec<T>(div_eps<T>()));
   }
@@ -672,9 +675,7 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
       }
       const bool any_nan = (nan0 | nan1).zero_mask() != (1 << kV) - 1;
       const T beta = static_cast<T>(a.beta);
-      // beta > 0: max(beta z) = beta max(z), rounding included
-      shift = any_nan ? std::numeric_limits<T>::quiet_NaN()
-                      : beta * hmax(at::vec::maximum(mx0, mx1));
+      shift = any_nan ? std::numeric_limits<T>::quiet_NaN() : hmax(at::vec::maximum(mx0, mx1));
       min_logit = hmin(at::vec::minimum(mn0, mn1));
       if (!std::isfinite(shift)) {
         // NaN or +inf logit, or only -inf: torch.softmax gives NaN, and so does this map.
@@ -768,11 +769,11 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
     if (std::is_same_v<T, float> && a.reg == Regularizer::JS) {
       // Far field (see FarField): sum e where p >= kFarMinP, per-element elsewhere.
       const NearBox<T> b = near_box(ax, s);
-      // Softmax: the smallest e of the map, exp(beta min z - shift), may clear the whole far
+      // Softmax: the smallest e of the map, exp(beta (min z - shift)), may clear the whole far
       // field at once (std::exp vs the vector exp: well inside the margins of FarField).
       const bool all_far_ok =
           a.norm == Normalization::Softmax && !s.uniform_fallback &&
-          std::exp(static_cast<T>(a.beta) * min_logit - shift) * inv >=
+          std::exp(static_cast<T>(a.beta) * (min_logit - shift)) * inv >=
               T(2) * FarField<T>::min_p(FarField<T>::kFarLogQ);
       Vec<T> far_acc(T(0));
       T far_e = 0;

@@ -339,7 +339,7 @@ struct BwdMap {
   DSNT_DEV void prob(T z, T& p, T& f) const {
     switch (mode) {
       case Normalization::Softmax:
-        p = exp(beta * z - shift) * inv;
+        p = exp(beta * (z - shift)) * inv;  // shift = max z; see dsnt_fwd_kernel
         f = beta * p;
         break;
       case Normalization::None:
@@ -521,18 +521,17 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
       T x[kItems];
       load_tile<V, kItems, kGroup>(zmap, 0, t, N, a.vec, x);
       if (softmax) {
+        // shift = max z and exponents beta (z - shift), never beta z - shift: nvcc may fuse the
+        // latter into an fma here and not in the backward, and for a large beta z its rounding
+        // left the largest term far from 1 (even inf). This way the largest term is exactly 1.
         T lm = neg_inf<T>();
-#pragma unroll
-        for (int k = 0; k < kItems; ++k) {
-          x[k] *= a.beta;  // padding stays 0 and is never read as valid
-        }
         for_items<V, kItems, kGroup>(0, t, g, [&](int k, bool valid, int, int, int) {
           if (valid && x[k] > lm) lm = x[k];
         });
         shift = group_max<kGroup>(lm, red);
         // Max-subtraction keeps exp finite; an all -inf map gives 0 / 0 = NaN, like torch.
         for_items<V, kItems, kGroup>(0, t, g, [&](int k, bool valid, int, int, int) {
-          x[k] = valid ? exp(x[k] - shift) : T(0);
+          x[k] = valid ? exp(a.beta * (x[k] - shift)) : T(0);
         });
       } else if (rect) {
         for_items<V, kItems, kGroup>(0, t, g, [&](int k, bool valid, int, int, int) {
@@ -603,11 +602,10 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
         if (softmax) {
           T tm = neg_inf<T>();
           for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int, int, int) {
-            x[k] *= a.beta;
             if (valid && x[k] > tm) tm = x[k];
           });
           if (tm > mx) {
-            const T sc = exp(mx - tm);  // 0 while mx == -inf; NaN sums stay NaN (NaN * 0)
+            const T sc = exp(a.beta * (mx - tm));  // 0 while mx == -inf; NaN sums stay NaN
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[j] *= sc;
             mx = tm;
@@ -615,7 +613,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
           const bool live = mx != neg_inf<T>();
           // Before this thread has seen a finite logit, a NaN one must still reach the sums.
           for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int, int, int) {
-            x[k] = !valid ? T(0) : (live ? exp(x[k] - mx) : (x[k] != x[k] ? x[k] : T(0)));
+            x[k] = !valid ? T(0) : (live ? exp(a.beta * (x[k] - mx)) : (x[k] != x[k] ? x[k] : T(0)));
           });
         } else if (rect) {
           for_items<V, kItems, kGroup>(base, t, g, [&](int k, bool valid, int, int, int) {
@@ -634,7 +632,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
       }
       if (softmax) {
         shift = group_max<kGroup>(mx, red);
-        const T sc = mx == neg_inf<T>() ? T(0) : exp(mx - shift);
+        const T sc = mx == neg_inf<T>() ? T(0) : exp(a.beta * (mx - shift));
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[j] *= sc;
       }
@@ -664,7 +662,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
           if (valid) {
             T p;
             if (softmax) {
-              p = exp(a.beta * x[k] - shift) * inv;
+              p = exp(a.beta * (x[k] - shift)) * inv;
             } else if (none) {
               p = x[k];
             } else {

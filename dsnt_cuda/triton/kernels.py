@@ -67,7 +67,10 @@ def _rectify_grad(z, NORM: tl.constexpr):
 def _probs(z, mask, shift, denom, N, beta, NORM: tl.constexpr):
     # p of a chunk from the per-map normalizer (shift, denom); 0 on masked lanes.
     if NORM == 0:
-        p = tl.exp(beta * z - shift) / denom
+        # shift = max z. beta (z - shift), never beta z - shift: on a GPU the latter compiles to an
+        # fma here but not where denom was summed, and for a large beta z the two roundings put
+        # the largest p far from 1 / denom (sum p != 1; inf for logits of 1e30).
+        p = tl.exp(beta * (z - shift)) / denom
     elif NORM == 4:
         p = z
     else:
@@ -115,7 +118,8 @@ def _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM: tl.constexpr, BLOCK:
     # Per-map target parameters: means (W, H, D), per-axis coef = 1/(2 s^2) with s = 2 sigma / S,
     # per-axis G and sum g (v - mu), and inv_z = 1 / (prod G + eps).
     mu_w = tl.load(target_ptr + pid * NDIM).to(ACC)
-    coef_w = (SW * SW) / (8.0 * sigma * sigma)
+    # S / (8 sigma^2) * S, not S * S: the sizes are int32, and S * S wraps from S = 46341 on.
+    coef_w = SW / (8.0 * sigma * sigma) * SW
     g_w, gd_w = _gauss_axis(mu_w, SW, coef_w, BLOCK, ACC)
     mu_h = mu_w * 0.0
     coef_h = coef_w * 0.0
@@ -127,11 +131,11 @@ def _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM: tl.constexpr, BLOCK:
     gd_d = gd_h
     if NDIM >= 2:
         mu_h = tl.load(target_ptr + pid * NDIM + 1).to(ACC)
-        coef_h = (SH * SH) / (8.0 * sigma * sigma)
+        coef_h = SH / (8.0 * sigma * sigma) * SH
         g_h, gd_h = _gauss_axis(mu_h, SH, coef_h, BLOCK, ACC)
     if NDIM == 3:
         mu_d = tl.load(target_ptr + pid * NDIM + 2).to(ACC)
-        coef_d = (SD * SD) / (8.0 * sigma * sigma)
+        coef_d = SD / (8.0 * sigma * sigma) * SD
         g_d, gd_d = _gauss_axis(mu_d, SD, coef_d, BLOCK, ACC)
     total = g_w * g_h * g_d
     inv_z = 1.0 / (total + _EPS)
@@ -208,9 +212,9 @@ def _dsnt_fwd_kernel(
         if NORM == 0:
             # max-subtraction keeps exp in range; -inf logits give p = 0; an all -inf or a NaN
             # map gives NaN (as torch.softmax).
-            x = tl.where(mask, beta * z, float("-inf"))
+            x = tl.where(mask, z, float("-inf"))
             shift = tl.max(x, axis=0)
-            denom = tl.sum(tl.where(mask, tl.exp(x - shift), 0.0), axis=0)
+            denom = tl.sum(tl.where(mask, tl.exp(beta * (x - shift)), 0.0), axis=0)
         elif NORM == 4:
             shift = zero
             denom = zero + 1.0
@@ -247,11 +251,11 @@ def _dsnt_fwd_kernel(
             mask = offs < N
             z = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
             if NORM == 0:
-                x = tl.where(mask, beta * z, float("-inf"))
+                x = tl.where(mask, z, float("-inf"))
                 new_m = tl.maximum(m_vec, x)
                 # Lanes that have seen only -inf keep (max, sum) = (-inf, 0).
-                alpha = tl.where(new_m == float("-inf"), 0.0, tl.exp(m_vec - new_m))
-                e = tl.where(new_m == float("-inf"), 0.0, tl.exp(x - new_m))
+                alpha = tl.where(new_m == float("-inf"), 0.0, tl.exp(beta * (m_vec - new_m)))
+                e = tl.where(new_m == float("-inf"), 0.0, tl.exp(beta * (x - new_m)))
                 s_vec = s_vec * alpha + e
                 # the guards above could hide a NaN logit: remember it explicitly
                 nan_vec = tl.where(z != z, z, nan_vec)
@@ -263,14 +267,14 @@ def _dsnt_fwd_kernel(
                 s_vec += r
                 x = tl.where(mask, r, float("-inf"))
                 new_m = tl.maximum(m_vec, x)
-            idx_vec = tl.where(x > m_vec, offs, idx_vec)
+            idx_vec = tl.where(x > m_vec, offs.to(tl.int32), idx_vec)  # N < 2^31 (ops.py)
             m_vec = new_m
         best = tl.max(m_vec, axis=0)
         arg = tl.min(tl.where(m_vec == best, idx_vec, N), axis=0)
         arg = tl.where(arg < N, arg, 0)
         if NORM == 0:
             shift = best
-            scale = tl.where(m_vec == float("-inf"), 0.0, tl.exp(m_vec - best))
+            scale = tl.where(m_vec == float("-inf"), 0.0, tl.exp(beta * (m_vec - best)))
             denom = tl.sum(s_vec * scale, axis=0) + tl.sum(nan_vec, axis=0)
         elif NORM == 4:
             shift = zero

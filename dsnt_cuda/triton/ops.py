@@ -9,6 +9,7 @@
 - `dsnt_core_triton`: (coords, variance, reg_losses) with autograd, for backend="triton".
 """
 
+import contextlib
 import math
 import struct
 from typing import Optional
@@ -72,6 +73,24 @@ def _check_device(logits: torch.Tensor) -> None:
     )
 
 
+# Element offsets inside a map are int32 in the kernels (with a block of slack), as in the CUDA
+# C++ kernels.
+MAX_MAP_SIZE = 1 << 30
+
+
+def _check_map_size(map_size) -> None:
+    if int(map_size) > MAX_MAP_SIZE:
+        raise ValueError(f"a map may have at most 2^30 elements, got {int(map_size)}")
+
+
+def _device_of(x: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensors' one (a tensor on cuda:1
+    with cuda:0 current would otherwise run on the wrong GPU). Compiled code guards itself."""
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _launch_config(map_size: int):
     """(SINGLE, BLOCK, num_warps) for a map of `map_size` elements."""
     map_size = int(map_size)  # (a SymInt under dynamic-shape tracing: the block size specializes)
@@ -111,6 +130,7 @@ def dsnt_fwd_triton(
     _check_device(logits)
     x = logits.contiguous()
     n, (sd, sh, sw), map_size, maps = _geometry(x)
+    _check_map_size(map_size)
     acc = _acc_dtype(x.dtype)
     B, L = x.shape[:2]
     coords = _new_output((B, L, n), acc, x.device)
@@ -121,15 +141,16 @@ def dsnt_fwd_triton(
         return coords, variance, reg_losses, stats
     tgt = target.to(acc).contiguous() if reg in ("js", "kl") else coords
     single, block, num_warps = _launch_config(map_size)
-    _wrap(_dsnt_fwd_kernel)[(maps,)](
-        x, tgt, coords, variance, reg_losses, stats,
-        map_size, sd, sh, sw,
-        *_split_float(beta), *_split_float(sigma_t),
-        NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
-        NORMALIZED=bool(normalized_coordinates), SINGLE=single, BLOCK=block,
-        AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
-        num_warps=num_warps,
-    )
+    with _device_of(x):
+        _wrap(_dsnt_fwd_kernel)[(maps,)](
+            x, tgt, coords, variance, reg_losses, stats,
+            map_size, sd, sh, sw,
+            *_split_float(beta), *_split_float(sigma_t),
+            NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
+            NORMALIZED=bool(normalized_coordinates), SINGLE=single, BLOCK=block,
+            AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
+            num_warps=num_warps,
+        )
     return coords, variance, reg_losses, stats
 
 
@@ -156,6 +177,7 @@ def dsnt_bwd_triton(
     _check_device(logits)
     x = logits.contiguous()
     n, (sd, sh, sw), map_size, maps = _geometry(x)
+    _check_map_size(map_size)
     acc = _acc_dtype(x.dtype)
     B, L = x.shape[:2]
     if reg in ("js", "kl") and target is None:
@@ -182,15 +204,16 @@ def dsnt_bwd_triton(
         # (a fresh buffer, never an input, stands in for an unused target pointer)
         tgt = target.to(acc).contiguous() if reg in ("js", "kl") else grad_target_acc
         single, block, num_warps = _launch_config(map_size)
-        _wrap(_dsnt_bwd_kernel)[(maps,)](
-            gc, gv, gr, x, tgt, c, v, st, grad_logits, grad_target_acc,
-            map_size, sd, sh, sw,
-            *_split_float(float(beta)), *_split_float(float(sigma_t)),
-            NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
-            NORMALIZED=bool(normalized_coordinates), TARGET_GRAD=target_grad, SINGLE=single,
-            BLOCK=block, AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
-            num_warps=num_warps,
-        )
+        with _device_of(x):
+            _wrap(_dsnt_bwd_kernel)[(maps,)](
+                gc, gv, gr, x, tgt, c, v, st, grad_logits, grad_target_acc,
+                map_size, sd, sh, sw,
+                *_split_float(float(beta)), *_split_float(float(sigma_t)),
+                NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
+                NORMALIZED=bool(normalized_coordinates), TARGET_GRAD=target_grad, SINGLE=single,
+                BLOCK=block, AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
+                num_warps=num_warps,
+            )
     return grad_logits, grad_target_acc.to(target_dtype)
 
 
