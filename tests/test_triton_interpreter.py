@@ -47,6 +47,7 @@ def poisoned_outputs(monkeypatch):
 def looped(monkeypatch):
     """Force the looped path on small maps: chunks of 16 elements, per-axis loops of 4."""
     monkeypatch.setattr(tops, "SINGLE_BLOCK_MAX", 16)
+    monkeypatch.setattr(tops, "SINGLE_BLOCK_MAX_FP64", 16)
     monkeypatch.setattr(tops, "LOOP_BLOCK", 16)
     monkeypatch.setattr(tops, "AXIS_BLOCK_MAX", 4)
 
@@ -269,6 +270,20 @@ def test_input_errors():
         tops.dsnt_fwd_triton(z, None, "softmax", 1.0, True, "var", -1.0)
     with pytest.raises(ValueError, match="spatial"):
         tops.dsnt_fwd_triton(torch.randn(1, 2, 2, 2, 2, 2), None, "softmax", 1.0, True, "none", 1.0)
+
+
+def test_backward_rejects_saved_tensors_of_the_wrong_shape():
+    """The kernel reads coords / variance / stats raw: a wrong shape must not reach it."""
+    z = torch.randn(2, 3, 4, 5)
+    target = torch.zeros(2, 3, 2)
+    options = ("softmax", 1.0, True, "js", 1.0)
+    coords, variance, _, stats = tops.dsnt_fwd_triton(z, target, *options)
+    for name, bad in (("coords", (coords[:1], variance, stats)), ("variance", (coords, variance[..., :1], stats)),
+                      ("stats", (coords, variance, stats[:, :2]))):
+        with pytest.raises(ValueError, match=name):
+            tops.dsnt_bwd_triton(None, None, None, z, target, *bad, *options, False)
+    with pytest.raises(ValueError, match="target"):
+        tops.dsnt_bwd_triton(None, None, None, z, target[:1], coords, variance, stats, *options, True)
 
 
 # ---- autograd entry points -------------------------------------------------------------------

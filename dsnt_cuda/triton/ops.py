@@ -30,6 +30,8 @@ assert set(_NORM_CODES) == set(NORMALIZATIONS) and set(_REG_CODES) == set(REGULA
 # next_power_of_2(map size); larger maps loop over chunks of LOOP_BLOCK. Module attributes so
 # that tests can lower them to reach the looped path with small maps.
 SINGLE_BLOCK_MAX = 8192
+# float64 maps in registers spill heavily above this (ptxas, sm_90: ~10 KB a thread at 8192).
+SINGLE_BLOCK_MAX_FP64 = 2048
 LOOP_BLOCK = 2048
 AXIS_BLOCK_MAX = 1024
 
@@ -91,10 +93,10 @@ def _device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _launch_config(map_size: int):
-    """(SINGLE, BLOCK, num_warps) for a map of `map_size` elements."""
+def _launch_config(map_size: int, dtype: torch.dtype):
+    """(SINGLE, BLOCK, num_warps) for a map of `map_size` elements of `dtype`."""
     map_size = int(map_size)  # (a SymInt under dynamic-shape tracing: the block size specializes)
-    if map_size <= SINGLE_BLOCK_MAX:
+    if map_size <= (SINGLE_BLOCK_MAX_FP64 if dtype == torch.float64 else SINGLE_BLOCK_MAX):
         block = max(triton.next_power_of_2(map_size), 16)
         single = True
     else:
@@ -104,8 +106,11 @@ def _launch_config(map_size: int):
     return single, block, num_warps
 
 
-def _axis_block(sizes) -> int:
-    """Block of the per-axis loops (Gaussian target sums): the longest axis, capped."""
+def _axis_block(sizes, reg: str) -> int:
+    """Block of the per-axis loops (Gaussian target sums): the longest axis, capped; a constant
+    when there is no target (it is a constexpr: any other value would compile another kernel)."""
+    if reg not in ("js", "kl"):
+        return 16
     return min(max(triton.next_power_of_2(int(max(sizes))), 16), AXIS_BLOCK_MAX)
 
 
@@ -140,15 +145,15 @@ def dsnt_fwd_triton(
     if maps == 0:
         return coords, variance, reg_losses, stats
     tgt = target.to(acc).contiguous() if reg in ("js", "kl") else coords
-    single, block, num_warps = _launch_config(map_size)
+    single, block, num_warps = _launch_config(map_size, x.dtype)
     with _device_of(x):
         _wrap(_dsnt_fwd_kernel)[(maps,)](
             x, tgt, coords, variance, reg_losses, stats,
             map_size, sd, sh, sw,
-            *_split_float(beta), *_split_float(sigma_t),
+            *_split_float(float(beta)), *_split_float(float(sigma_t)),
             NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
             NORMALIZED=bool(normalized_coordinates), SINGLE=single, BLOCK=block,
-            AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
+            AXIS_BLOCK=_axis_block((sd, sh, sw), reg), FP64=acc == torch.float64,
             num_warps=num_warps,
         )
     return coords, variance, reg_losses, stats
@@ -188,10 +193,17 @@ def dsnt_bwd_triton(
     def upstream(grad, shape, name):
         if grad is None:
             return torch.zeros(shape, dtype=acc, device=x.device)
-        if tuple(grad.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(grad.shape)}")
+        if tuple(grad.shape) != shape or grad.device != x.device:
+            raise ValueError(f"{name} must be {shape} on {x.device}, got {tuple(grad.shape)} on {grad.device}")
         return grad.to(acc).contiguous()
 
+    for name, saved, shape in (("coords", coords, (B, L, n)), ("variance", variance, (B, L, n)),
+                               ("stats", stats, (B, L, 2))):
+        # read raw by the kernel: a wrong shape or device would be an out-of-bounds access
+        if tuple(saved.shape) != shape or saved.device != x.device:
+            raise ValueError(f"{name} must be {shape} on {x.device}, got {tuple(saved.shape)} on {saved.device}")
+    if target is not None and reg in ("js", "kl") and (tuple(target.shape) != (B, L, n) or target.device != x.device):
+        raise ValueError(f"target must be {(B, L, n)} on {x.device}, got {tuple(target.shape)} on {target.device}")
     gc = upstream(grad_coords, (B, L, n), "grad_coords")
     gv = upstream(grad_variance, (B, L, n), "grad_variance")
     gr = upstream(grad_reg_losses, (B, L), "grad_reg_losses")
@@ -203,7 +215,7 @@ def dsnt_bwd_triton(
     if maps > 0:
         # (a fresh buffer, never an input, stands in for an unused target pointer)
         tgt = target.to(acc).contiguous() if reg in ("js", "kl") else grad_target_acc
-        single, block, num_warps = _launch_config(map_size)
+        single, block, num_warps = _launch_config(map_size, x.dtype)
         with _device_of(x):
             _wrap(_dsnt_bwd_kernel)[(maps,)](
                 gc, gv, gr, x, tgt, c, v, st, grad_logits, grad_target_acc,
@@ -211,7 +223,7 @@ def dsnt_bwd_triton(
                 *_split_float(float(beta)), *_split_float(float(sigma_t)),
                 NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
                 NORMALIZED=bool(normalized_coordinates), TARGET_GRAD=target_grad, SINGLE=single,
-                BLOCK=block, AXIS_BLOCK=_axis_block((sd, sh, sw)), FP64=acc == torch.float64,
+                BLOCK=block, AXIS_BLOCK=_axis_block((sd, sh, sw), reg), FP64=acc == torch.float64,
                 num_warps=num_warps,
             )
     return grad_logits, grad_target_acc.to(target_dtype)
