@@ -449,6 +449,18 @@ DSNT_DEV T elem_grad(const BwdMap<T>& s, const Target<T>& tg, bool need_div, boo
   return G;
 }
 
+// Forward's second pass, one element: sum p (u - ubar)^2 per axis into c2[0..2] (kappa = pixel
+// index of ubar) and, for js / kl, the divergence summand into c2[3].
+template <typename T>
+DSNT_DEV void add_centred_moments(T p, int ix, int iy, int iz, const T (&kappa)[3], bool div,
+                                  const Target<T>& tg, Regularizer reg, T (&c2)[4]) {
+  const T dx = T(ix) - kappa[0], dy = T(iy) - kappa[1], dz = T(iz) - kappa[2];
+  c2[0] += p * dx * dx;
+  c2[1] += p * dy * dy;
+  c2[2] += p * dz * dz;
+  if (div) c2[3] += divergence_term<T>(p, tg.q(ix, iy, iz), reg).value;
+}
+
 template <typename T>
 DSNT_DEV void write_fwd(const FwdArgs<T>& a, int64_t m, T shift, T denom, T P, const T (&ubar)[3],
                         const T (&var)[3], T div) {
@@ -514,7 +526,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
     T sh[3];  // axis centres (S-1)/2: moments are taken in centred pixels u = j - sh
 #pragma unroll
     for (int k = 0; k < 3; ++k) sh[k] = T(g.S[k] - 1) * T(0.5);
-    T divsum = T(0);
+    T c2[4] = {T(0), T(0), T(0), T(0)};  // second pass: centred moments and divergence
 
     if constexpr (!kStream) {
       // ---- on chip: registers hold the map, three reductions (max, first moments, centred).
@@ -574,21 +586,9 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
       T kappa[3];
 #pragma unroll
       for (int k = 0; k < 3; ++k) kappa[k] = sh[k] + ubar[k];
-      T c2[4] = {T(0), T(0), T(0), T(0)};
       for_items<V, kItems, kGroup>(0, t, g, [&](int k, bool valid, int ix, int iy, int iz) {
-        if (valid) {
-          const T p = x[k];
-          const T dx = T(ix) - kappa[0], dy = T(iy) - kappa[1], dz = T(iz) - kappa[2];
-          c2[0] += p * dx * dx;
-          c2[1] += p * dy * dy;
-          c2[2] += p * dz * dz;
-          if (div) c2[3] += divergence_term<T>(p, tg.q(ix, iy, iz), a.reg).value;
-        }
+        if (valid) add_centred_moments<T>(x[k], ix, iy, iz, kappa, div, tg, a.reg, c2);
       });
-      group_sum<kGroup>(c2, red);
-#pragma unroll
-      for (int k = 0; k < 3; ++k) var[k] = c2[k];
-      divsum = c2[3];
     } else {
       // ---- streamed: pass 1, per-thread online (max, sum w, sum w u) with u = j - centre,
       // rescaled when the running max grows; pass 2 (below), the variance about the mean and
@@ -654,7 +654,6 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
       T kappa[3];
 #pragma unroll
       for (int k = 0; k < 3; ++k) kappa[k] = sh[k] + ubar[k];
-      T c2[4] = {T(0), T(0), T(0), T(0)};
       for (int base = 0; base < N; base += kGroup * kItems) {
         T x[kItems];
         load_tile<V, kItems, kGroup>(zmap, base, t, N, a.vec, x);
@@ -668,19 +667,15 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
             } else {
               p = uniform ? inv_n : rectify<T>(x[k], a.mode) * inv;
             }
-            const T dx = T(ix) - kappa[0], dy = T(iy) - kappa[1], dz = T(iz) - kappa[2];
-            c2[0] += p * dx * dx;
-            c2[1] += p * dy * dy;
-            c2[2] += p * dz * dz;
-            if (div) c2[3] += divergence_term<T>(p, tg.q(ix, iy, iz), a.reg).value;
+            add_centred_moments<T>(p, ix, iy, iz, kappa, div, tg, a.reg, c2);
           }
         });
       }
-      group_sum<kGroup>(c2, red);
-#pragma unroll
-      for (int k = 0; k < 3; ++k) var[k] = c2[k];
-      divsum = c2[3];
     }
+    group_sum<kGroup>(c2, red);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) var[k] = c2[k];
+    const T divsum = c2[3];
     if (t == 0) write_fwd(a, m, shift, none ? T(1) : denom, P, ubar, var, divsum);
   }
 }
