@@ -6,8 +6,12 @@ small enough for the sanitizers' slowdown. Exits non-zero if an op raises or a r
 finite where it must be.
 
     compute-sanitizer --tool memcheck python3 scripts/sanitizer_driver.py
+
+DSNT_GPU_TESTS_ON=cpu runs the same cases on the CPU kernels (tests/test_gpu_scripts_dry_run.py
+does, so this script's own code runs without a GPU).
 """
 
+import os
 import sys
 
 import torch
@@ -15,7 +19,7 @@ import torch
 import dsnt_cuda  # noqa: F401  (loads the extension and registers autograd)
 from dsnt_cuda import ops
 
-DEV = "cuda"
+DEV = os.environ.get("DSNT_GPU_TESTS_ON", "cuda")
 SHAPES = {
     "warp": (2, 9, 16, 16),  # 18 maps: more than one 8-map block, a partial last block
     "warp-odd": (2, 3, 7, 5),
@@ -49,7 +53,8 @@ def run(shape, dtype, normalization, reg, misaligned=False):
     # small weights on the variance paths: their gradients grow like S^4 and must fit float16
     loss = coords.sum() + 1e-6 * var.sum() + (1e-9 if reg == "var" else 1.0) * reg_losses.sum()
     gz, gt = torch.autograd.grad(loss, [z, target], allow_unused=True)
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     ok = all(torch.isfinite(t).all().item() for t in (coords, var, reg_losses, gz))
     if gt is not None:
         ok = ok and torch.isfinite(gt).all().item()
@@ -81,7 +86,8 @@ def main():
         z = torch.randn(shape, device=DEV, requires_grad=True)
         out = ops.dsnt_core_op(z, None, "softmax", 1.0, True, "var", 1.0)
         (out[0].sum() + out[1].sum()).backward()
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     print(f"sanitizer driver: {count} cases, {failures} failed")
     return 1 if failures else 0
 
