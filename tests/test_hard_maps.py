@@ -172,3 +172,25 @@ def test_axis_longer_than_46340(backend, reg):
     expected = reference.dsnt_core(z, target, "softmax", 1.0, True, reg, 1.0)
     assert torch.allclose(outs[2], expected[2], rtol=1e-9), f"{backend}: {outs[2]} vs {expected[2]}"
     assert grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target_x", [1.3, 1.35, 1.4])
+def test_kl_with_the_target_outside_the_map(backend, target_x):
+    """~10 px beyond the edge the target's per-axis factors go subnormal in float32 unless they
+    are scaled; then log(q + eps) with q >> eps lost its digits (KL gradients off by %)."""
+    device = backend_device(backend)
+    z = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([target_x, 0.1]).expand(2, 3, 2).contiguous()
+    zz = z.to(device).requires_grad_(True)
+    tt = target.to(device).requires_grad_(True)
+    coords, _, reg_losses = dsnt_core(zz, tt, "softmax", 1.0, True, "kl", 1.0, backend)
+    g = torch.Generator().manual_seed(1)
+    up_c, up_r = torch.randn(2, 3, 2, generator=g), torch.randn(2, 3, generator=g)
+    gz, gt = torch.autograd.grad((coords * up_c.to(device)).sum() + (reg_losses * up_r.to(device)).sum(), [zz, tt])
+    z64, t64 = z.double().requires_grad_(True), target.double().requires_grad_(True)
+    c64, _, r64 = reference.dsnt_core(z64, t64, "softmax", 1.0, True, "kl", 1.0)
+    gz64, gt64 = torch.autograd.grad((c64 * up_c.double()).sum() + (r64 * up_r.double()).sum(), [z64, t64])
+    for name, got, want in (("reg_losses", reg_losses, r64), ("grad logits", gz, gz64), ("grad target", gt, gt64)):
+        err = ((got.detach().cpu().double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e} ({backend}, target x {target_x})"

@@ -459,44 +459,69 @@ constexpr T exp_zero_below() {
   return std::is_same_v<T, float> ? T(-110) : T(-760);
 }
 
-// Per-axis Gaussian factors of the target around mu (view order) and their sums G_k; absent
-// axes get g = 1, G = 1. Returns prod G_k.
+// The target's normalizer: q_i = g'x g'y g'z * norm, log q_i = lgx + lgy + lgz + log_norm.
 template <typename T>
-inline T gaussian_factors(const Axes<T>& ax, const T* mu, T sigma_t, Scratch<T>& s, T* G) {
-  T prod = 1;
+struct TargetNorm {
+  T norm;      // exp(sum off_k) / (prod G_k + eps), G_k the true (unscaled) sums
+  T log_norm;  // -log(prod G_k + eps)
+};
+
+// Per-axis Gaussian factors of the target around mu (view order), stored scaled by exp(-off_k)
+// with off_k the largest exponent on axis k, so the largest stored factor is 1; their sums G'_k
+// (absent axes: g = 1, G' = 1) and the normalizer. Unscaled, a target a few pixels outside the
+// map made every factor tiny and the far ones subnormal, with few bits left: float32 KL,
+// log(q + eps) with q >> eps, was off by up to 0.5. log_gauss keeps the unscaled exponents.
+template <typename T>
+inline TargetNorm<T> gaussian_factors(const Axes<T>& ax, const T* mu, T sigma_t, Scratch<T>& s,
+                                      T* G) {
+  T prod = 1, so = 0;
   for (int k = 0; k < kMaxSpatialDims; ++k) {
+    T off = 0;
+    if (k < ax.dims) {
+      off = -std::numeric_limits<T>::infinity();
+      const T sk = T(2) * sigma_t / T(ax.len[k]);
+      for (int64_t j = 0; j < ax.len[k]; ++j) {
+        // gauss_factor()'s expression, keeping the exponent: log g is then free (see above).
+        const T d = ax.ngrid[k][j] - mu[k];
+        const T lg = -d * d / (T(2) * sk * sk);
+        s.log_gauss[k][j] = lg;
+        off = std::isnan(lg) || lg > off ? lg : off;
+      }
+      if (off == -std::numeric_limits<T>::infinity()) off = 0;  // every factor is 0 (mu = inf)
+    }
     T sum = 0;
     for (int64_t j = 0; j < ax.len[k]; ++j) {
-      T g = 1, lg = 0;
+      T g = 1;
       if (k < ax.dims) {
-        // gauss_factor()'s expression, keeping the exponent: log g is then free (see above).
-        const T sk = T(2) * sigma_t / T(ax.len[k]);
-        const T d = ax.ngrid[k][j] - mu[k];
-        lg = -d * d / (T(2) * sk * sk);
+        const T e = s.log_gauss[k][j] - off;
         // exp is exactly 0 below exp_zero_below(): skip the call (libm's underflow path is slow).
-        g = lg < exp_zero_below<T>() ? T(0) : std::exp(lg);
+        g = e < exp_zero_below<T>() ? T(0) : std::exp(e);
+      } else {
+        s.log_gauss[k][j] = 0;
       }
       s.gauss[k][j] = g;
-      s.log_gauss[k][j] = lg;
       sum += g;
     }
     G[k] = sum;
     prod *= sum;
+    so += off;
   }
-  return prod;
+  // log(prod G + eps) with prod G = prod exp(so), without overflow or underflow.
+  const T L = std::log(prod) + so, le = std::log(div_eps<T>());
+  const T hi = std::max(L, le);
+  const T log_den = std::isnan(L) ? L : hi + std::log(std::exp(L - hi) + std::exp(le - hi));
+  return {std::exp(so - log_den), -log_den};
 }
 
-// Row factors of q_i = gx(x) * gy(y) * gz(z) / (prod G + eps) (the eps of DESIGN.md §1.4 keeps a
-// target far outside the map from dividing by zero), and of log q_i.
+// Row factors of q_i = g'x(x) * g'y(y) * g'z(z) * norm (the eps of DESIGN.md §1.4 in the
+// normalizer keeps a target far outside the map from dividing by zero), and of log q_i.
 template <typename T>
-inline void target_row_factors(const Axes<T>& ax, T prod_G, Scratch<T>& s) {
+inline void target_row_factors(const Axes<T>& ax, const TargetNorm<T>& tn, Scratch<T>& s) {
   const int64_t H = ax.len[1], D = ax.len[2];
-  const T norm = T(1) / (prod_G + div_eps<T>());
-  const T log_norm = -std::log(prod_G + div_eps<T>());
   for (int64_t dz = 0; dz < D; ++dz) {
     for (int64_t y = 0; y < H; ++y) {
-      s.row_q[dz * H + y] = s.gauss[1][y] * s.gauss[2][dz] * norm;
-      s.row_lq[dz * H + y] = s.log_gauss[1][y] + s.log_gauss[2][dz] + log_norm;
+      s.row_q[dz * H + y] = s.gauss[1][y] * s.gauss[2][dz] * tn.norm;
+      s.row_lq[dz * H + y] = s.log_gauss[1][y] + s.log_gauss[2][dz] + tn.log_norm;
     }
   }
 }
@@ -743,8 +768,8 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
     for (int k = 0; k < ax.dims; ++k) loss += (v_out[k] - sigma2) * (v_out[k] - sigma2);
   } else if (a.reg == Regularizer::JS || a.reg == Regularizer::KL) {
     T G[kMaxSpatialDims];
-    const T prod = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
-    target_row_factors(ax, prod, s);
+    const TargetNorm<T> tn = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
+    target_row_factors(ax, tn, s);
     const DivPass<T> dp = make_div_pass(a, s.uniform_fallback, shift, denom);
     const T* gx = s.gauss[0].data();
     const T* lgx = s.log_gauss[0].data();
@@ -918,10 +943,10 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
   bool fused_far = false;  // far p is formed in the write pass (softmax, see below)
   NearBox<T> b;
   T G[kMaxSpatialDims] = {1, 1, 1};
-  T prod_G = 1;
+  TargetNorm<T> tn{1, 0};
   if (div_pass) {
-    prod_G = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
-    target_row_factors(ax, prod_G, s);
+    tn = gaussian_factors(ax, mu, static_cast<T>(a.sigma_t), s, G);
+    target_row_factors(ax, tn, s);
     const DivPass<T> dp = make_div_pass(a, uniform, shift, denom);
     const T* lgx = s.log_gauss[0].data();
     T* wx = s.marg[0].data();
@@ -1140,7 +1165,7 @@ void backward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& a
       T others = 1;
       for (int l = 0; l < kMaxSpatialDims; ++l)
         if (l != k) others *= G[l];
-      const T corr = others * dG / (prod_G + div_eps<T>());
+      const T corr = others * dG * tn.norm;  // the scales exp(off) cancel against norm
       T acc = 0;
       for (int64_t j = 0; j < ax.len[k]; ++j)
         acc += s.marg[k][j] * (gauss_log_grad<T>(j, ax.len[k], mu[k], sig) - corr);

@@ -213,13 +213,19 @@ DSNT_DEV void store_tile(scalar_t* __restrict__ map, int base, int t, int N, boo
 // ---------------------------------------------------------------------------------------------
 // The separable Gaussian target of one map (DESIGN.md §1.4): per-axis factors g_k, their sums
 // G_k, and H_k = sum_j g_k(j) (v_k(j) - mu_k) / (s_k^2 G_k) for the target-mean gradient.
+// The factors are stored scaled by exp(-off_k), off_k = the largest exponent on axis k (0 when
+// mu_k lies within the axis): every stored factor is <= 1 and the largest is ~1. Unscaled, a
+// target a few pixels outside the map made every factor tiny, the far ones subnormal with a
+// few bits left, and float32 KL (log(q + eps) with q >> eps) off by up to 0.5 (found by running
+// this file on a host emulation of the CUDA thread model). inv_norm carries exp(sum off).
 template <typename T>
 struct Target {
-  const T* table[3];  // g_k(j) in shared memory, or nullptr: computed on the fly
+  const T* table[3];  // scaled g_k(j) in shared memory, or nullptr: computed on the fly
   T mu[3];
   T inv_s2[3];
+  T off[3];    // per-axis log offset (<= 0) taken out of the stored factors
   T H[3];
-  T inv_norm;  // 1 / (prod G_k + eps)
+  T inv_norm;  // exp(sum off) / (prod G_k + eps) with the true (unscaled) G_k
   T rho;       // prod G_k / (prod G_k + eps)
   T sigma;
   int S[3];
@@ -227,7 +233,9 @@ struct Target {
 
   DSNT_DEV T g(int k, int j) const {
     if (k >= dims) return T(1);
-    return table[k] != nullptr ? table[k][j] : gauss_factor<T>(j, S[k], mu[k], sigma);
+    if (table[k] != nullptr) return table[k][j];
+    const T d = grid_value<T>(j, S[k], true) - mu[k];
+    return exp(-d * d * T(0.5) * inv_s2[k] - off[k]);
   }
   DSNT_DEV T q(int ix, int iy, int iz) const { return g(0, ix) * g(1, iy) * g(2, iz) * inv_norm; }
 };
@@ -246,6 +254,13 @@ DSNT_DEV Target<T> build_target(const T* __restrict__ mu, const Geo& geo, T sigm
     const T s = T(2) * sigma / T(geo.S[k]);
     tg.inv_s2[k] = T(1) / (s * s);
     tg.table[k] = nullptr;
+    // Distance from mu to the axis' pixel centres [v(0), v(S-1)] (0 inside; NaN stays NaN).
+    const T below = grid_value<T>(0, geo.S[k], true) - tg.mu[k];
+    const T above = tg.mu[k] - grid_value<T>(geo.S[k] - 1, geo.S[k], true);
+    T dist = above > below ? above : below;
+    dist = dist > T(0) ? dist : (dist != dist ? dist : T(0));
+    tg.off[k] = k < geo.dims ? -dist * dist * T(0.5) * tg.inv_s2[k] : T(0);
+    if (tg.off[k] == -T(INFINITY)) tg.off[k] = T(0);  // infinite mean: every factor 0, as unscaled
   }
   group_sync<kGroup>();  // the previous map's readers of `table` are done
   T acc[6] = {T(0), T(0), T(0), T(0), T(0), T(0)};
@@ -254,7 +269,8 @@ DSNT_DEV Target<T> build_target(const T* __restrict__ mu, const Geo& geo, T sigm
   for (int k = 0; k < 3; ++k) {
     if (k < geo.dims) {
       for (int j = t; j < geo.S[k]; j += kGroup) {
-        const T gv = gauss_factor<T>(j, geo.S[k], tg.mu[k], sigma);
+        const T dj = grid_value<T>(j, geo.S[k], true) - tg.mu[k];
+        const T gv = exp(-dj * dj * T(0.5) * tg.inv_s2[k] - tg.off[k]);
         if (table != nullptr) table[off + j] = gv;
         acc[k] += gv;
         acc[3 + k] += gv * (grid_value<T>(j, geo.S[k], true) - tg.mu[k]) * tg.inv_s2[k];
@@ -273,8 +289,18 @@ DSNT_DEV Target<T> build_target(const T* __restrict__ mu, const Geo& geo, T sigm
     // G_k == 0 (target far outside the map): q == 0 everywhere and H_k is irrelevant.
     tg.H[k] = (used && acc[k] > T(0)) ? acc[3 + k] / acc[k] : T(0);
   }
-  tg.inv_norm = T(1) / (prod + div_eps<T>());
-  tg.rho = prod * tg.inv_norm;
+  // The true prod G is prod exp(so). inv_norm = exp(so) / (prod exp(so) + eps), formed without
+  // overflow: directly while exp(-so) is finite, else from log(prod exp(so) + eps).
+  const T so = tg.off[0] + tg.off[1] + tg.off[2];
+  const T es = exp(-so);
+  if (es < T(INFINITY)) {
+    tg.inv_norm = T(1) / (prod + div_eps<T>() * es);
+  } else {
+    const T L = log(prod) + so, le = log(div_eps<T>());
+    const T hi = L > le ? L : le;
+    tg.inv_norm = exp(so - (hi + log(exp(L - hi) + exp(le - hi))));
+  }
+  tg.rho = prod / (prod + div_eps<T>() * es);  // exp(-so) = inf: the true prod << eps, rho = 0
   return tg;
 }
 
@@ -441,7 +467,9 @@ DSNT_DEV T elem_grad(const BwdMap<T>& s, const Target<T>& tg, bool need_div, boo
       const int j[3] = {ix, iy, iz};
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
-        if (k < tg.dims) r[2 + k] += w * (grid_value<T>(j[k], tg.S[k], true) - tg.mu[k]) * tg.inv_s2[k];
+        // the normalizer's part rho H_k inside the sum, not subtracted from it afterwards
+        if (k < tg.dims)
+          r[2 + k] += w * ((grid_value<T>(j[k], tg.S[k], true) - tg.mu[k]) * tg.inv_s2[k] - tg.rho * tg.H[k]);
       }
     }
   }
@@ -802,7 +830,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
         if (k >= n) break;
-        a.grad_target[m * n + k] = want_tgt ? s.omega * (r[2 + k] - r[1] * tg.rho * tg.H[k]) : T(0);
+        a.grad_target[m * n + k] = want_tgt ? s.omega * r[2 + k] : T(0);
       }
     }
   }

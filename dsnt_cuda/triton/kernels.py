@@ -88,9 +88,23 @@ def _centred(j, S, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gauss_axis(mu, S, coef, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    # Sums of the 1-D target factor g(j) = exp(-coef (v(j) - mu)^2) over one axis of length S,
-    # on the normalized grid: (G = sum g, sum g (v - mu)). O(S) per map.
+def _axis_offset(mu, S, coef):
+    # The smallest exponent coef (v(j) - mu)^2 on an axis (0 when mu lies within its pixel
+    # centres; NaN stays NaN), taken out of the stored factors so that the largest is ~1: a
+    # target a few pixels outside the map otherwise made every factor tiny and the far ones
+    # subnormal, and float32 KL's log(q + eps) with q >> eps lost its digits.
+    below = (1.0 / S - 1.0) - mu
+    above = mu - (1.0 - 1.0 / S)
+    dist = tl.where(above > below, above, below)
+    dist = tl.where(dist > 0, dist, tl.where(dist != dist, dist, 0.0))
+    e0 = coef * dist * dist
+    return tl.where(e0 == float("inf"), 0.0, e0)  # an infinite mean: every factor is 0, as unscaled
+
+
+@triton.jit
+def _gauss_axis(mu, S, coef, e0, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # Sums of the scaled 1-D target factor g(j) = exp(-(coef (v(j) - mu)^2 - e0)) over one axis
+    # of length S, on the normalized grid: (G = sum g, sum g (v - mu)). O(S) per map.
     lanes = tl.arange(0, BLOCK)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     acc_gd = tl.zeros([BLOCK], dtype=ACC)
@@ -98,7 +112,7 @@ def _gauss_axis(mu, S, coef, BLOCK: tl.constexpr, ACC: tl.constexpr):
         j = start + lanes
         v = (2 * j + 1).to(ACC) / S - 1.0
         dv = v - mu
-        g = tl.where(j < S, tl.exp(-coef * dv * dv), 0.0)
+        g = tl.where(j < S, tl.exp(-(coef * dv * dv - e0)), 0.0)
         acc_g += g
         acc_gd += g * dv
     return tl.sum(acc_g, axis=0), tl.sum(acc_gd, axis=0)
@@ -116,11 +130,15 @@ def _target_exponent(j, S, mu, coef, ACC: tl.constexpr):
 def _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM: tl.constexpr, BLOCK: tl.constexpr,
                   ACC: tl.constexpr):
     # Per-map target parameters: means (W, H, D), per-axis coef = 1/(2 s^2) with s = 2 sigma / S,
-    # per-axis G and sum g (v - mu), and inv_z = 1 / (prod G + eps).
+    # per-axis G and sum g (v - mu) of the factors scaled by exp(e0_k) (_axis_offset), e0 = sum
+    # e0_k, and inv_z = exp(-e0) / (prod G_true + eps) = 1 / (prod G + eps exp(e0)), formed in
+    # logs (exp(e0) may overflow while q is still far above eps): q = exp(-(e - e0)) inv_z.
     mu_w = tl.load(target_ptr + pid * NDIM).to(ACC)
     # S / (8 sigma^2) * S, not S * S: the sizes are int32, and S * S wraps from S = 46341 on.
     coef_w = SW / (8.0 * sigma * sigma) * SW
-    g_w, gd_w = _gauss_axis(mu_w, SW, coef_w, BLOCK, ACC)
+    e0_w = _axis_offset(mu_w, SW, coef_w)
+    g_w, gd_w = _gauss_axis(mu_w, SW, coef_w, e0_w, BLOCK, ACC)
+    e0 = e0_w
     mu_h = mu_w * 0.0
     coef_h = coef_w * 0.0
     g_h = g_w * 0.0 + 1.0
@@ -132,18 +150,26 @@ def _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM: tl.constexpr, BLOCK:
     if NDIM >= 2:
         mu_h = tl.load(target_ptr + pid * NDIM + 1).to(ACC)
         coef_h = SH / (8.0 * sigma * sigma) * SH
-        g_h, gd_h = _gauss_axis(mu_h, SH, coef_h, BLOCK, ACC)
+        e0_h = _axis_offset(mu_h, SH, coef_h)
+        g_h, gd_h = _gauss_axis(mu_h, SH, coef_h, e0_h, BLOCK, ACC)
+        e0 += e0_h
     if NDIM == 3:
         mu_d = tl.load(target_ptr + pid * NDIM + 2).to(ACC)
         coef_d = SD / (8.0 * sigma * sigma) * SD
-        g_d, gd_d = _gauss_axis(mu_d, SD, coef_d, BLOCK, ACC)
+        e0_d = _axis_offset(mu_d, SD, coef_d)
+        g_d, gd_d = _gauss_axis(mu_d, SD, coef_d, e0_d, BLOCK, ACC)
+        e0 += e0_d
     total = g_w * g_h * g_d
-    inv_z = 1.0 / (total + _EPS)
-    return (mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, g_w, g_h, g_d, gd_w, gd_h, gd_d, total, inv_z)
+    a = tl.log(total)
+    b = e0 + tl.log(e0 * 0.0 + 1e-24)  # log(eps exp(e0)), in ACC
+    hi = tl.maximum(a, b)
+    inv_z = tl.exp(-(hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))))
+    return (mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, g_w, g_h, g_d, gd_w, gd_h, gd_d, total, inv_z,
+            e0)
 
 
 @triton.jit
-def _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, inv_z,
+def _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, inv_z, e0,
               NDIM: tl.constexpr, ACC: tl.constexpr):
     # q of a chunk, from the separable factors (one exp per element); 0 on masked lanes.
     e = _target_exponent(w, SW, mu_w, coef_w, ACC)
@@ -151,7 +177,7 @@ def _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_
         e += _target_exponent(h, SH, mu_h, coef_h, ACC)
     if NDIM == 3:
         e += _target_exponent(d, SD, mu_d, coef_d, ACC)
-    return tl.where(mask, tl.exp(-e) * inv_z, 0.0)
+    return tl.where(mask, tl.exp(-(e - e0)) * inv_z, 0.0)
 
 
 @triton.jit
@@ -203,7 +229,7 @@ def _dsnt_fwd_kernel(
 
     if REG == 1 or REG == 2:
         (mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, g_w, g_h, g_d, gd_w, gd_h, gd_d, total,
-         inv_z) = _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM, AXIS_BLOCK, ACC)
+         inv_z, e0) = _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM, AXIS_BLOCK, ACC)
 
     if SINGLE:
         # ---- the whole map in registers --------------------------------------------------
@@ -237,7 +263,7 @@ def _dsnt_fwd_kernel(
             var_d = tl.sum(p * (u_d - cu_d) * (u_d - cu_d), axis=0)
         if REG == 1 or REG == 2:
             q = _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d,
-                          inv_z, NDIM, ACC)
+                          inv_z, e0, NDIM, ACC)
             value, d_p, d_q = _divergence(p, q, REG)
             div = tl.sum(tl.where(mask, value, 0.0), axis=0)
     else:
@@ -313,7 +339,7 @@ def _dsnt_fwd_kernel(
                 m2_d += p * t * t
             if REG == 1 or REG == 2:
                 q = _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h,
-                              coef_d, inv_z, NDIM, ACC)
+                              coef_d, inv_z, e0, NDIM, ACC)
                 value, d_p, d_q = _divergence(p, q, REG)
                 div_vec += tl.where(mask, value, 0.0)
         total_p = tl.sum(p_vec, axis=0)
@@ -520,9 +546,10 @@ def _dsnt_bwd_kernel(
     coef_h = zero
     coef_d = zero
     inv_z = zero
+    e0 = zero
     if REG == 1 or REG == 2:
         (mu_w, mu_h, mu_d, coef_w, coef_h, coef_d, g_w, g_h, g_d, gd_w, gd_h, gd_d, total,
-         inv_z) = _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM, AXIS_BLOCK, ACC)
+         inv_z, e0) = _target_setup(target_ptr, pid, SD, SH, SW, sigma, NDIM, AXIS_BLOCK, ACC)
 
     # The centred means cu_k come from the saved coordinates; for `none` maps they also need
     # P = sum p, known only after a reduction (P = 1 for every other mode).
@@ -534,7 +561,7 @@ def _dsnt_bwd_kernel(
         q = p
         if REG == 1 or REG == 2:
             q = _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d,
-                          inv_z, NDIM, ACC)
+                          inv_z, e0, NDIM, ACC)
         total_p = zero + 1.0
         if NORM == 4:
             total_p = tl.sum(p, axis=0)
@@ -573,7 +600,7 @@ def _dsnt_bwd_kernel(
             q = p
             if REG == 1 or REG == 2:
                 q = _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d,
-                              inv_z, NDIM, ACC)
+                              inv_z, e0, NDIM, ACC)
             if NORM == 4:
                 red_vec += p
             else:
@@ -608,7 +635,7 @@ def _dsnt_bwd_kernel(
             q = p
             if REG == 1 or REG == 2:
                 q = _target_q(w, h, d, mask, SD, SH, SW, mu_w, mu_h, mu_d, coef_w, coef_h, coef_d,
-                              inv_z, NDIM, ACC)
+                              inv_z, e0, NDIM, ACC)
             G = _grad_p(p, w, h, d, q, SD, SH, SW, gc_w, gc_h, gc_d, nu_w, nu_h, nu_d, cu_w, cu_h,
                         cu_d, lin_w, lin_h, lin_d, omega, NDIM, REG, NORMALIZED, ACC)
             gz = _grad_z(z, p, G, pg, beta, denom, NORM)
