@@ -194,3 +194,27 @@ def test_kl_with_the_target_outside_the_map(backend, target_x):
     for name, got, want in (("reg_losses", reg_losses, r64), ("grad logits", gz, gz64), ("grad target", gt, gt64)):
         err = ((got.detach().cpu().double() - want).abs().max() / want.abs().max()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e} ({backend}, target x {target_x})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_map_leaves_what_does_not_depend_on_it(backend):
+    """OPS.md: a NaN map's outputs are NaN, except reg_losses of reg none (0) and, without a
+    regularizer gradient, grad_target (0)."""
+    device = backend_device(backend)
+    z = torch.randn(1, 2, 6, 7, generator=torch.Generator().manual_seed(0))
+    z[0, 0, 2, 3] = math.nan
+    target = random_target(1, 2, 2).to(device)
+    z = z.to(device)
+    if backend == "triton":
+        from dsnt_cuda.triton import ops as triton_ops
+
+        fwd, bwd = triton_ops.dsnt_fwd_triton, triton_ops.dsnt_bwd_triton
+    else:
+        fwd, bwd = torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
+    _, _, reg_losses, _ = fwd(z, target, "softmax", 1.0, True, "none", 1.0)
+    assert (reg_losses.cpu() == 0).all(), f"{backend}: {reg_losses}"
+    options = ("softmax", 1.0, True, "js", 1.0)
+    coords, variance, _, stats = fwd(z, target, *options)
+    grad_coords = torch.ones_like(coords)
+    _, grad_target = bwd(grad_coords, None, None, z, target, coords, variance, stats, *options, True)
+    assert (grad_target.cpu() == 0).all(), f"{backend}: {grad_target}"

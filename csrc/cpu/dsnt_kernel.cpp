@@ -162,7 +162,10 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
   const bool has_target = target.has_value() && target->defined();
   const at::ScalarType target_dtype = has_target ? target->scalar_type() : acc;
   const bool divergence = rg == Regularizer::JS || rg == Regularizer::KL;
-  const bool target_grad = divergence && needs_target_grad;
+  // Without a regularizer gradient (None = zeros) the target gets nothing: skip that work, and a
+  // NaN map gives 0 there, not 0 * NaN (as the CUDA and Triton kernels do).
+  const bool has_grad_reg = grad_reg_losses.has_value() && grad_reg_losses->defined();
+  const bool target_grad = divergence && needs_target_grad && has_grad_reg;
 
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());  // contiguous
   at::Tensor grad_target_acc =

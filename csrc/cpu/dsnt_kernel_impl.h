@@ -706,7 +706,7 @@ void forward_map(const T* z, const T* mu, const KernelArgs& a, const Axes<T>& ax
         // NaN or +inf logit, or only -inf: torch.softmax gives NaN, and so does this map.
         const T nan = std::numeric_limits<T>::quiet_NaN();
         for (int k = 0; k < ax.dims; ++k) coords[k] = var[k] = nan;
-        *reg_loss = nan;
+        *reg_loss = a.reg == Regularizer::None ? T(0) : nan;  // reg none: zeros (OPS.md)
         stats[0] = shift;
         stats[1] = nan;
         return;

@@ -187,7 +187,9 @@ def dsnt_bwd_triton(
     B, L = x.shape[:2]
     if reg in ("js", "kl") and target is None:
         raise ValueError(f"reg={reg!r} needs target means")
-    target_grad = bool(needs_target_grad) and reg in ("js", "kl")
+    # Without a regularizer gradient (None = zeros) the target gets nothing (a NaN map: 0, not
+    # 0 * NaN), as in the C++ kernels.
+    target_grad = bool(needs_target_grad) and reg in ("js", "kl") and grad_reg_losses is not None
     target_dtype = target.dtype if target is not None else acc
 
     def upstream(grad, shape, name):
