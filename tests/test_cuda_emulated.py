@@ -141,3 +141,41 @@ def test_kl_with_the_target_outside_the_map(emu):
     target = target.clone()
     target[..., 0] = 1.35
     check(emu, (2, 3, 64, 64), ("softmax", 1.0, "kl"), target=target)
+
+
+# The maps of tests/test_hard_maps.py that broke these kernels once (found by review; see there).
+
+
+def test_nan_in_a_relu_map_and_among_leading_minus_inf(emu):
+    for normalization, shape, band in (("relu", (2, 2, 16, 16), 0), ("softmax", (1, 2, 64, 80), 1100)):
+        z, target, upstream = make_inputs(shape, normalization, torch.float32)
+        flat = z.view(shape[0] * shape[1], -1)
+        flat[:, :band] = -math.inf
+        flat[0, 1] = math.nan
+        outs, gz, _ = emulated_results(emu, z, target, (normalization, 1.0, True, "js", 1.0), upstream)
+        for t in [o.view(shape[0] * shape[1], -1) for o in outs] + [gz.view(shape[0] * shape[1], -1)]:
+            assert t[0].isnan().any() and t[1:].isfinite().all(), normalization
+
+
+@pytest.mark.parametrize("shape, peak", [((1, 1, 8192), (3,)), ((1, 1, 300, 400), (397, 2))], ids=str)
+def test_variance_of_a_peak_at_the_edge_of_a_long_axis(emu, shape, peak):
+    z = torch.zeros(shape, dtype=torch.float64)
+    for axis, (size, centre) in enumerate(zip(shape[2:], peak)):
+        j = torch.arange(size, dtype=torch.float64) - centre
+        view = [1] * len(shape)
+        view[2 + axis] = size
+        z = z - (j * j / (2 * 0.8 * 0.8)).view(view)
+    z = z.float()
+    _, target, upstream = make_inputs(shape, "softmax", torch.float32)
+    options = ("softmax", 1.0, True, "var", 1.0)
+    # Forward only: the streamed backward of the 8192-pixel map is off by 3e-4 (the CPU kernels:
+    # 4e-6), a known gap (closing notes of this round), not the one-pass variance pinned here.
+    outs, _, _ = emulated_results(emu, z, target, options, upstream)
+    ref_outs, _, _ = reference_results(z, target, options, upstream)
+    for name, o, r in zip(("coords", "variance", "reg_losses"), outs, ref_outs):
+        assert_close(o, r, 5e-5, f"{name} {shape}")
+
+
+def test_negative_variance_of_a_large_none_map(emu):
+    z = torch.randn(1, 2, 70, 70, generator=torch.Generator().manual_seed(0)) * 1e-3
+    check(emu, (1, 2, 70, 70), ("none", 1.0, "none"), z=z)
