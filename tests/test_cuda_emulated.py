@@ -23,8 +23,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))
 import emulate  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="needs a C++ compiler")
+_NINJA = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
+pytestmark = pytest.mark.skipif(
+    (shutil.which("c++") is None and shutil.which("g++") is None) or _NINJA is None,
+    reason="needs a C++ compiler and ninja",
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ clash with the real extension. `load()` returns a module with fwd(...) and bwd(.
 arguments and results of dsnt_fwd / dsnt_bwd (csrc/OPS.md).
 """
 
+import os
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +80,10 @@ def load(build_dir: Path):
     """Generate the sources under build_dir and build (or reuse) the emulated module."""
     from torch.utils.cpp_extension import load as load_extension
 
+    # torch's load() needs ninja on PATH: the one installed next to this interpreter will do.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
     for name, text in (("emu_kernel.cpp", kernel_source()), ("emu_ops.cpp", ops_source())):
