@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dsnt_cuda import reference
+from map_inputs import peaked_logits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))
@@ -162,13 +163,7 @@ def test_nan_in_a_relu_map_and_among_leading_minus_inf(emu):
 
 @pytest.mark.parametrize("shape, peak", [((1, 1, 8192), (3,)), ((1, 1, 300, 400), (397, 2))], ids=str)
 def test_variance_of_a_peak_at_the_edge_of_a_long_axis(emu, shape, peak):
-    z = torch.zeros(shape, dtype=torch.float64)
-    for axis, (size, centre) in enumerate(zip(shape[2:], peak)):
-        j = torch.arange(size, dtype=torch.float64) - centre
-        view = [1] * len(shape)
-        view[2 + axis] = size
-        z = z - (j * j / (2 * 0.8 * 0.8)).view(view)
-    z = z.float()
+    z = peaked_logits(shape, peak, width=0.8)
     _, target, upstream = make_inputs(shape, "softmax", torch.float32)
     options = ("softmax", 1.0, True, "var", 1.0)
     # Forward only. The backward of every backend rebuilds the mean from the saved float32

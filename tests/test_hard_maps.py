@@ -23,6 +23,7 @@ import torch
 
 from dsnt_cuda import _extension, reference
 from dsnt_cuda.dispatch import dsnt_core
+from map_inputs import peaked_logits
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -99,17 +100,6 @@ def test_nan_among_leading_minus_inf_in_large_softmax_map(backend, shape):
         assert o[0, 0].isnan().all(), f"{name} of the NaN map is not NaN ({backend})"
         assert o[0, 1].isfinite().all(), f"{name} of the -inf map is not finite ({backend})"
     assert grad[0, 0].isnan().all() and grad[0, 1].isfinite().all()
-
-
-def peaked_logits(shape, peak, width):
-    """log of a Gaussian bump of `width` pixels at pixel `peak` (per spatial axis)."""
-    z = torch.zeros(shape, dtype=torch.float64)
-    for axis, (size, centre) in enumerate(zip(shape[2:], peak)):
-        j = torch.arange(size, dtype=torch.float64) - centre
-        view = [1] * len(shape)
-        view[2 + axis] = size
-        z = z - (j * j / (2 * width * width)).view(view)
-    return z.float()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -81,30 +81,28 @@ inline T hsum(const Vec<T>& v) {
   return s;
 }
 
-// Largest lane; NaN if any lane is NaN (a NaN logit must poison its map, not be skipped).
-template <typename T>
-inline T hmax(const Vec<T>& v) {
+// The largest (kMax) or smallest lane; NaN if any lane is NaN (a NaN logit must poison its map,
+// not be skipped).
+template <bool kMax, typename T>
+inline T hextreme(const Vec<T>& v) {
   T lanes[Vec<T>::size()];
   v.store(lanes);
   T m = lanes[0];
   for (int i = 0; i < Vec<T>::size(); ++i) {
     if (std::isnan(lanes[i])) return lanes[i];
-    m = std::max(m, lanes[i]);
+    m = kMax ? std::max(m, lanes[i]) : std::min(m, lanes[i]);
   }
   return m;
 }
 
-// Smallest lane; NaN if any lane is NaN.
+template <typename T>
+inline T hmax(const Vec<T>& v) {
+  return hextreme<true>(v);
+}
+
 template <typename T>
 inline T hmin(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T m = lanes[0];
-  for (int i = 0; i < Vec<T>::size(); ++i) {
-    if (std::isnan(lanes[i])) return lanes[i];
-    m = std::min(m, lanes[i]);
-  }
-  return m;
+  return hextreme<false>(v);
 }
 
 // Whether every lane is >= bound (a NaN lane is not), without leaving the vector registers.

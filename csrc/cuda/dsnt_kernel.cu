@@ -451,11 +451,12 @@ DSNT_DEV void finish_bwd_map(BwdMap<T>& s, const BwdArgs<T>& a, int64_t m) {
   }
 }
 
-// Per-element gradient: returns G_i (all terms) and accumulates r = {sum p G, sum w, sum w (v-mu)/s^2
-// per axis} with w = dL/dq * q (the target-mean gradient pieces, before the factor omega).
+// Per-element gradient: returns G_i (all terms) and accumulates r = {sum p G, per axis
+// sum w ((v-mu)/s^2 - rho H)} with w = dL/dq * q (the target-mean gradient before the factor
+// omega).
 template <typename T>
 DSNT_DEV T elem_grad(const BwdMap<T>& s, const Target<T>& tg, bool need_div, bool want_tgt,
-                     Regularizer reg, T p, int ix, int iy, int iz, T (&r)[5]) {
+                     Regularizer reg, T p, int ix, int iy, int iz, T (&r)[4]) {
   T G = s.grad_p(ix, iy, iz);
   if (need_div) {
     const T q = tg.q(ix, iy, iz);
@@ -463,13 +464,12 @@ DSNT_DEV T elem_grad(const BwdMap<T>& s, const Target<T>& tg, bool need_div, boo
     G += s.omega * dt.d_p;
     if (want_tgt) {
       const T w = dt.d_q * q;
-      r[1] += w;
       const int j[3] = {ix, iy, iz};
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
         // the normalizer's part rho H_k inside the sum, not subtracted from it afterwards
         if (k < tg.dims)
-          r[2 + k] += w * ((grid_value<T>(j[k], tg.S[k], true) - tg.mu[k]) * tg.inv_s2[k] - tg.rho * tg.H[k]);
+          r[1 + k] += w * ((grid_value<T>(j[k], tg.S[k], true) - tg.mu[k]) * tg.inv_s2[k] - tg.rho * tg.H[k]);
       }
     }
   }
@@ -744,7 +744,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
     Target<T> tg{};
     if (a.need_div) tg = build_target<kGroup>(a.target + m * g.dims, g, a.sigma, table, t, red);
     BwdMap<T> s = make_bwd_map(a, m);
-    T r[5] = {T(0), T(0), T(0), T(0), T(0)};
+    T r[4] = {T(0), T(0), T(0), T(0)};
 
     if constexpr (!kStream) {
       T x[kItems];  // z, then p, then G
@@ -808,7 +808,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
         }
       }
       const T sub = none ? T(0) : r[0];
-      T dummy[5] = {T(0), T(0), T(0), T(0), T(0)};
+      T dummy[4] = {T(0), T(0), T(0), T(0)};
       for (int base = 0; base < N; base += kGroup * kItems) {
         T x[kItems];
         load_tile<V, kItems, kGroup>(zmap, base, t, N, a.vec, x);
@@ -830,7 +830,7 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
         if (k >= n) break;
-        a.grad_target[m * n + k] = want_tgt ? s.omega * r[2 + k] : T(0);
+        a.grad_target[m * n + k] = want_tgt ? s.omega * r[1 + k] : T(0);
       }
     }
   }

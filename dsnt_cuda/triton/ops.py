@@ -121,6 +121,16 @@ def _geometry(logits: torch.Tensor):
     return n, sizes, math.prod(spatial), logits.shape[0] * logits.shape[1]
 
 
+def _launch_input(logits: torch.Tensor):
+    """What both launchers start from: the contiguous logits on a device Triton runs on, their
+    geometry (n, (SD, SH, SW), map size, maps) and the accumulation dtype."""
+    _check_device(logits)
+    x = logits.contiguous()
+    n, sizes, map_size, maps = _geometry(x)
+    _check_map_size(map_size)
+    return x, n, sizes, map_size, maps, _acc_dtype(x.dtype)
+
+
 def dsnt_fwd_triton(
     logits: torch.Tensor,
     target: Optional[torch.Tensor],
@@ -132,11 +142,7 @@ def dsnt_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(coords, variance, reg_losses, stats) of csrc/OPS.md, from one Triton kernel launch."""
     beta, sigma_t = check_core_args(logits, target, normalization, beta, reg, sigma_t)
-    _check_device(logits)
-    x = logits.contiguous()
-    n, (sd, sh, sw), map_size, maps = _geometry(x)
-    _check_map_size(map_size)
-    acc = _acc_dtype(x.dtype)
+    x, n, (sd, sh, sw), map_size, maps, acc = _launch_input(logits)
     B, L = x.shape[:2]
     coords = _new_output((B, L, n), acc, x.device)
     variance = _new_output((B, L, n), acc, x.device)
@@ -179,11 +185,7 @@ def dsnt_bwd_triton(
     check_heatmaps(logits, "logits")
     check_option("normalization", normalization, NORMALIZATIONS)
     check_option("reg", reg, REGULARIZERS)
-    _check_device(logits)
-    x = logits.contiguous()
-    n, (sd, sh, sw), map_size, maps = _geometry(x)
-    _check_map_size(map_size)
-    acc = _acc_dtype(x.dtype)
+    x, n, (sd, sh, sw), map_size, maps, acc = _launch_input(logits)
     B, L = x.shape[:2]
     if reg in ("js", "kl") and target is None:
         raise ValueError(f"reg={reg!r} needs target means")
