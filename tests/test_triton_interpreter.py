@@ -272,6 +272,15 @@ def test_input_errors():
         tops.dsnt_fwd_triton(torch.randn(1, 2, 2, 2, 2, 2), None, "softmax", 1.0, True, "none", 1.0)
 
 
+def test_maps_above_the_int32_offsets_are_refused(monkeypatch):
+    """Element offsets inside a map are int32 in the kernels: larger maps get a clear error."""
+    monkeypatch.setattr(tops, "MAX_MAP_SIZE", 16)
+    z = torch.randn(1, 2, 4, 5)
+    with pytest.raises(ValueError, match="at most"):
+        tops.dsnt_fwd_triton(z, None, "softmax", 1.0, True, "none", 1.0)
+    tops.dsnt_fwd_triton(z[..., :4], None, "softmax", 1.0, True, "none", 1.0)  # 16: accepted
+
+
 def test_backward_rejects_saved_tensors_of_the_wrong_shape():
     """The kernel reads coords / variance / stats raw: a wrong shape must not reach it."""
     z = torch.randn(2, 3, 4, 5)

@@ -82,7 +82,7 @@ MAX_MAP_SIZE = 1 << 30
 
 def _check_map_size(map_size) -> None:
     if int(map_size) > MAX_MAP_SIZE:
-        raise ValueError(f"a map may have at most 2^30 elements, got {int(map_size)}")
+        raise ValueError(f"a map may have at most {MAX_MAP_SIZE} elements, got {int(map_size)}")
 
 
 def _device_of(x: torch.Tensor):
