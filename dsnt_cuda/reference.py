@@ -1,7 +1,7 @@
 """Pure-PyTorch DSNT: the readable oracle every fused kernel is checked against.
 
-Clarity beats speed here: each step of ../shared/DESIGN.md §1 is one small function, built from
-eager PyTorch ops, differentiable by autograd. Heatmaps are `(B, L, S_1, ..., S_n)` with n = 1..3
+Clarity beats speed here: each step of docs/math.md is one small function, built from eager
+PyTorch ops, differentiable by autograd (also with respect to a tensor `beta` and the target). Heatmaps are `(B, L, S_1, ..., S_n)` with n = 1..3
 spatial dims in tensor order (..., D, H, W); coordinates come out in (x, y, z) order (last tensor
 dim first), shape `(B, L, n)`.
 
@@ -9,8 +9,7 @@ Dtypes: half inputs are computed in float32, float64 stays float64 (so gradcheck
 coordinates and losses come back in that accumulation dtype.
 """
 
-from functools import reduce
-from operator import mul
+import math
 
 import torch
 
@@ -75,10 +74,19 @@ def _rectify(z: torch.Tensor, normalization: str) -> torch.Tensor:
     raise ValueError(f"{normalization!r} is not a rectification")
 
 
-def normalize(logits: torch.Tensor, normalization: str = "softmax", beta: float = 1.0) -> torch.Tensor:
+def per_map(value, logits: torch.Tensor) -> torch.Tensor | float:
+    """A float, or a tensor broadcastable to (B, L) viewed as (B, L, 1) in the accumulation dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    batch, keypoints = logits.shape[:2]
+    return value.to(accumulation_dtype(logits.dtype)).expand(batch, keypoints).unsqueeze(-1)
+
+
+def normalize(logits: torch.Tensor, normalization: str = "softmax", beta=1.0) -> torch.Tensor:
     """Per-map probability map p in the accumulation dtype, same shape as `logits`.
 
-    - softmax: p = softmax(beta * z) over the spatial dims (max-subtracted by torch).
+    - softmax: p = softmax(beta * z) over the spatial dims, formed as beta * (z - max z) (beta * z
+      alone overflows for a large beta). `beta` is a float or a tensor broadcastable to (B, L).
     - abs / relu / sigmoid: p = r(z) / sum r(z). A map whose rectified sum is exactly 0 (an
       all-non-positive relu map, an all-zero abs map) has no direction to prefer: it becomes the
       uniform map 1/N, with zero gradient, instead of 0/0 = NaN. A NaN sum stays NaN.
@@ -86,7 +94,8 @@ def normalize(logits: torch.Tensor, normalization: str = "softmax", beta: float 
     """
     z = logits.to(accumulation_dtype(logits.dtype)).flatten(2)
     if normalization == "softmax":
-        p = torch.softmax(beta * z, dim=-1)
+        shift = z.detach().amax(-1, keepdim=True)
+        p = torch.softmax(per_map(beta, logits) * (z - shift), dim=-1)
     elif normalization == "none":
         p = z
     else:
@@ -157,28 +166,40 @@ def variance(p: torch.Tensor) -> torch.Tensor:
 
 def gaussian_heatmaps(means: torch.Tensor, size, sigma_t, normalize: bool = True) -> torch.Tensor:
     """Gaussians centred on `means` ((..., n), normalized units, (x, y, z) order) drawn on maps of
-    `size` ((..., D, H, W) order) with standard deviation `sigma_t` in pixels.
+    `size` ((..., D, H, W) order) with standard deviation `sigma_t` in pixels (a float, or a
+    tensor broadcastable to means.shape[:-1]).
 
     The target is separable: one 1-D factor per axis, multiplied out here (the fused kernels never
     materialize it). Normalized by the sum plus 1e-24, like dsntnn, so that a target far outside
-    the map does not divide by zero.
+    the map does not divide by zero. Formed in logs, log q = sum_k l_k - log(prod_k G_k + eps):
+    the plain quotient's gradient underflows (1e-24 squared) to 0/0 in float32 for a target far
+    outside the map.
     """
     size = [int(s) for s in size]
     n = len(size)
-    factors = []
+    if isinstance(sigma_t, torch.Tensor):
+        sigma_t = sigma_t.to(means.dtype).expand(means.shape[:-1]).unsqueeze(-1)
+    log_factors = []
     for k, length in enumerate(size):  # tensor order: axis k pairs with mean index n-1-k
         grid = normalized_linspace(length, dtype=means.dtype, device=means.device)
         s = 2 * sigma_t / length
         mean = means[..., n - 1 - k].unsqueeze(-1)
-        factor = torch.exp(-((grid - mean) ** 2) / (2 * s**2))  # (..., S_k)
-        shape = list(factor.shape[:-1]) + [1] * n
-        shape[len(factor.shape) - 1 + k] = length
-        factors.append(factor.reshape(shape))
-    gauss = reduce(mul, factors)
+        log_factors.append(-((grid - mean) ** 2) / (2 * s**2))  # (..., S_k)
+
+    def outer(per_axis):
+        out = 0
+        for k, t in enumerate(per_axis):
+            shape = list(t.shape[:-1]) + [1] * n
+            shape[len(t.shape) - 1 + k] = size[k]
+            out = out + t.reshape(shape)
+        return out
+
+    log_gauss = outer(log_factors)
     if not normalize:
-        return gauss
-    total = gauss.sum(dim=tuple(range(-n, 0)), keepdim=True)
-    return gauss / (total + EPS)
+        return torch.exp(log_gauss)
+    log_total = sum(torch.logsumexp(f, dim=-1) for f in log_factors)
+    log_norm = torch.logaddexp(log_total, torch.full_like(log_total, math.log(EPS)))
+    return torch.exp(log_gauss - log_norm.reshape(list(log_norm.shape) + [1] * n))
 
 
 def _sum_spatial(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -203,7 +224,9 @@ def regularizer_losses(p, target, reg: str, sigma_t, var=None) -> torch.Tensor:
         return p.new_zeros(p.shape[:2])
     if reg == "var":
         var = variance(p) if var is None else var
-        return ((var - sigma_t**2) ** 2).sum(-1)
+        sigma = sigma_t.to(var.dtype).expand(var.shape[:-1]).unsqueeze(-1) if isinstance(
+            sigma_t, torch.Tensor) else sigma_t
+        return ((var - sigma**2) ** 2).sum(-1)
     q = gaussian_heatmaps(target.to(p.dtype), p.shape[2:], sigma_t)
     if reg == "kl":
         return kl_divergence(p, q, n)
@@ -247,12 +270,31 @@ def average_loss(losses: torch.Tensor, mask=None) -> torch.Tensor:
 
 
 def dsnt_core(logits, target, normalization, beta, normalized_coordinates, reg, sigma_t):
-    """(coords, variance, reg_losses) exactly as the fused ops define them (csrc/OPS.md)."""
+    """(coords, variance, reg_losses) of the fused transform (docs/ops.md)."""
     p = normalize(logits, normalization, beta)
     coords = coordinates(p, normalized_coordinates)
     var = variance(p)
     reg_losses = regularizer_losses(p, target, reg, sigma_t, var=var)
     return coords, var, reg_losses
+
+
+def dsnt_fwd(logits, target, mask, beta_map, sigma_t_map, normalization, beta,
+             normalized_coordinates, reg, sigma_t, coord_loss, reg_weight):
+    """The outputs of the op dsnt_fwd but `stats`, with its arguments (docs/ops.md):
+    (coords, variance, reg_losses, coord_losses, loss); the last two are empty for
+    coord_loss "none"."""
+    beta = beta if beta_map is None else beta_map
+    sigma_t = sigma_t if sigma_t_map is None else sigma_t_map
+    coords, var, reg_losses = dsnt_core(logits, target, normalization, beta, normalized_coordinates,
+                                        reg, sigma_t)
+    if coord_loss == "none":
+        empty = coords.new_zeros((0,))
+        return coords, var, reg_losses, empty, empty
+    coord_losses = coordinate_losses(coords, target.to(coords.dtype), coord_loss)
+    if mask is not None:
+        mask = mask.to(coords.dtype)
+    loss = average_loss(coord_losses + reg_weight * reg_losses, mask)
+    return coords, var, reg_losses, coord_losses, loss
 
 
 def dsnt_loss(logits, target, mask=None, reg="js", sigma_t=1.0, reg_weight=1.0,
@@ -269,5 +311,5 @@ __all__ = [
     "normalized_linspace", "axis_grid", "divide_by_sum", "centred_pixel_grid", "normalize", "marginals",
     "coordinates", "variance", "gaussian_heatmaps", "kl_divergence", "js_divergence",
     "regularizer_losses", "euclidean_losses", "l1_losses", "mse_losses", "coordinate_losses",
-    "average_loss", "dsnt_core", "dsnt_loss",
+    "average_loss", "dsnt_core", "dsnt_fwd", "dsnt_loss", "per_map",
 ]
