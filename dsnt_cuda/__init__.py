@@ -33,15 +33,15 @@ from dsnt_cuda.compat import (
     variance_reg_losses,
 )
 from dsnt_cuda.fused import DSNTLossResult, dsnt_loss, fused_dsnt
+from dsnt_cuda.version import __version__
 
-from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
+from dsnt_cuda import ops  # noqa: F401, I001  (fake kernels and autograd of the compiled ops)
 
-__version__ = "0.1.0"
 build_info = _extension.build_info
 
 __all__ = [
     "BACKENDS", "available_backends", "get_backend", "set_backend", "use_backend", "build_info",
-    "reference", "fused_dsnt", "dsnt_loss", "DSNTLossResult",
+    "reference", "fused_dsnt", "dsnt_loss", "DSNTLossResult", "__version__",
     "normalized_linspace", "flat_softmax", "linear_expectation", "soft_argmax", "dsnt",
     "euclidean_losses", "l1_losses", "mse_losses", "make_gauss", "average_loss",
     "kl_reg_losses", "js_reg_losses", "variance_reg_losses", "normalized_to_pixel_coordinates",

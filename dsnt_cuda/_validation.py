@@ -1,90 +1,156 @@
-"""Input checks at the Python boundary: clear exceptions naming the problem, before any kernel."""
+"""Input checks of the Python API: a clear `ValueError` / `TypeError` naming the problem, once per
+entry point, before any kernel runs (docs/ops.md, "Inputs").
+
+Values inside tensor arguments (a per-map beta or sigma_t) are checked in eager mode only: on a
+GPU tensor that costs a device sync, and under torch.compile / tracing it would break the graph.
+"""
 
 import math
 import numbers
 
 import torch
 
-from dsnt_cuda.reference import COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
+from dsnt_cuda.reference import accumulation_dtype
+
+# The narrowest Gaussian target (in pixels) whose 1 / sigma_t^2 stays finite in the accumulation
+# dtype (docs/ops.md): 2^-40 px in float32, 2^-400 px in float64.
+MIN_SIGMA_T = {torch.float32: 2.0**-40, torch.float64: 2.0**-400}
 
 
-def check_option(name: str, value, allowed) -> str:
+def check_option(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, allowed))}")
     return value
 
 
-def check_heatmaps(t, name: str = "heatmaps") -> torch.Tensor:
+def check_heatmaps(t: object, name: str = "heatmaps") -> torch.Tensor:
     """A floating (B, L, S_1..S_n) tensor with n in 1..3 and every S_k >= 1."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
-    if t.dim() not in (3, 4, 5):
-        raise ValueError(
-            f"{name} must have shape (B, L, S_1[, S_2[, S_3]]) with 1 to 3 spatial dims, "
-            f"got {t.dim()} dims {tuple(t.shape)}"
-        )
-    if any(s == 0 for s in t.shape[2:]):
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), "
+                        f"got {t.dtype}")
+    if not 3 <= t.dim() <= 5:
+        raise ValueError(f"{name} must have shape (B, L, S_1[, S_2[, S_3]]) with 1 to 3 spatial dims, "
+                         f"got {t.dim()} dims {tuple(t.shape)}")
+    if 0 in t.shape[2:]:
         raise ValueError(f"{name} has an empty spatial axis: shape {tuple(t.shape)}")
     return t
 
 
-def check_points(t, heatmaps: torch.Tensor, name: str) -> torch.Tensor:
+def _check_device(t: torch.Tensor, name: str, heatmaps: torch.Tensor) -> None:
+    if t.device != heatmaps.device:
+        raise ValueError(f"{name} is on {t.device} but the heatmaps are on {heatmaps.device}")
+
+
+def check_points(t: object, heatmaps: torch.Tensor, name: str) -> torch.Tensor:
     """A floating (B, L, n) tensor of coordinates matching `heatmaps`."""
-    n = heatmaps.dim() - 2
-    expected = (*heatmaps.shape[:2], n)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-    if tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape (B, L, n) = {expected} for heatmaps of shape "
+    expected = (*heatmaps.shape[:2], heatmaps.dim() - 2)
+    if t.shape != expected:
+        raise ValueError(f"{name} must have shape (B, L, n) = {tuple(expected)} for heatmaps of shape "
                          f"{tuple(heatmaps.shape)}, got {tuple(t.shape)}")
-    if t.device != heatmaps.device:
-        raise ValueError(f"{name} is on {t.device} but the heatmaps are on {heatmaps.device}")
+    _check_device(t, name, heatmaps)
     return t
 
 
-def check_mask(mask, losses_shape) -> None:
+def check_mask(mask: object, heatmaps: torch.Tensor) -> None:
+    """None, or (B, L) keypoint weights (floating or bool) on the heatmaps' device, no gradient."""
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(losses_shape):
-        raise ValueError(f"mask must have shape {tuple(losses_shape)} (B, L), got {tuple(mask.shape)}")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a floating-point or bool tensor, got {mask.dtype}")
+    if mask.shape != heatmaps.shape[:2]:
+        raise ValueError(f"mask must have shape (B, L) = {tuple(heatmaps.shape[:2])}, got {tuple(mask.shape)}")
+    _check_device(mask, "mask", heatmaps)
+    if mask.requires_grad:
+        raise ValueError("mask takes no gradient (it only weights the average); pass mask.detach()")
 
 
-def check_positive_number(name: str, value) -> float:
-    """A finite real number > 0 (a Python number or a one-element tensor)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, torch.SymFloat) or (torch.compiler.is_compiling() and isinstance(value, float)):
-        # Under torch.compile(dynamic=True) a float may be symbolic: checking it here would
-        # break the graph or specialize it on the value. Eager calls check it here; compiled
-        # calls of the fused ops are checked by their TORCH_CHECKs at run time.
-        return value
+def _is_symbolic(value: object) -> bool:
+    # Under torch.compile(dynamic=True) a float may be symbolic: checking its value here would
+    # break the graph or specialize on it. The C++ op checks float options when it runs.
+    return isinstance(value, torch.SymFloat) or (torch.compiler.is_compiling() and isinstance(value, float))
+
+
+def _as_float(name: str, value: object, expected: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_real(name: str, value: object) -> float:
+    """A finite Python number, as a float (symbolic floats under torch.compile pass unchecked)."""
+    if _is_symbolic(value):
+        return value
+    value = _as_float(name, value, "a real number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
-def check_core_args(logits, target, normalization, beta, reg, sigma_t, target_name="target"):
-    """Validate the arguments of the fused transform; returns (beta, sigma_t) as floats."""
-    check_heatmaps(logits, "logits" if normalization != "none" else "heatmaps")
-    check_option("normalization", normalization, NORMALIZATIONS)
-    check_option("reg", reg, REGULARIZERS)
-    beta = check_positive_number("beta", beta)
-    sigma_t = check_positive_number("sigma_t", sigma_t)
-    if reg in ("js", "kl"):
-        if target is None:
-            raise ValueError(f"reg={reg!r} needs target means")
-        check_points(target, logits, target_name)
-    return beta, sigma_t
+def _value_limits(name: str, acc: torch.dtype) -> tuple[float, str]:
+    """(lowest allowed value, its wording) of a beta or a width (sigma) in the accumulation dtype."""
+    if name.startswith("sigma"):
+        low = MIN_SIGMA_T[acc]
+        return low, f"finite and >= {low:.3g} pixels ({acc} cannot represent a narrower target)"
+    return torch.finfo(acc).tiny, f"finite and > 0 (representable in {acc})"
 
 
-__all__ = ["check_option", "check_heatmaps", "check_points", "check_mask", "check_positive_number",
-           "check_core_args", "COORD_LOSSES"]
+def check_number(name: str, value: object, acc: torch.dtype) -> float:
+    """A beta / sigma given as a Python number, within the limits of the accumulation dtype."""
+    value = _as_float(name, value, "a real number or a tensor")
+    low, wording = _value_limits(name, acc)
+    if not (math.isfinite(value) and low <= value <= torch.finfo(acc).max):
+        raise ValueError(f"{name} must be {wording}, got {value}")
+    return value
+
+
+def check_tensor_values(name: str, t: torch.Tensor, like: torch.Tensor, acc: torch.dtype,
+                        check_values: bool = True) -> None:
+    """A floating tensor of betas / sigmas on `like`'s device, each within the limits (eager only)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check_device(t, name, like)
+    if check_values and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        low, wording = _value_limits(name, acc)
+        values = t.detach().to(acc)
+        if not bool(((values >= low) & (values <= torch.finfo(acc).max)).all()):
+            raise ValueError(f"every {name} must be {wording}; got values in "
+                             f"[{values.min().item():.3g}, {values.max().item():.3g}]")
+
+
+def _check_per_map_shape(name: str, t: torch.Tensor, heatmaps: torch.Tensor) -> None:
+    batch, keypoints = heatmaps.shape[:2]
+    shape = tuple(t.shape)
+    pairs = zip(shape[::-1], (keypoints, batch), strict=False)
+    if t.dim() > 2 or not all(s in (1, full) for s, full in pairs):
+        raise ValueError(f"{name} must be broadcastable to (B, L) = ({batch}, {keypoints}): shape (), (L,), "
+                         f"(1, L), (B, 1) or (B, L); got {shape}")
+
+
+def per_map_argument(name: str, value: object, heatmaps: torch.Tensor,
+                     check_values: bool = True) -> tuple[float, torch.Tensor | None]:
+    """beta / sigma_t as the op takes it: (the float, None) or (a placeholder float, the tensor).
+
+    A Python number stays a float (no tensor is made); a tensor broadcastable to (B, L) is passed
+    as the per-map tensor. sigma_t takes no gradient. `check_values=False` skips the value check
+    of a tensor whose validity its producer guarantees (a module's log-parametrized beta)."""
+    acc = accumulation_dtype(heatmaps.dtype)
+    if not isinstance(value, torch.Tensor):
+        return (value if _is_symbolic(value) else check_number(name, value, acc)), None
+    if name == "sigma_t" and value.requires_grad:
+        raise ValueError("sigma_t takes no gradient (the Gaussian target's width is a constant of "
+                         "the loss); pass sigma_t.detach()")
+    _check_per_map_shape(name, value, heatmaps)
+    check_tensor_values(name, value, heatmaps, acc, check_values)
+    return 1.0, value
+
+
+__all__ = ["MIN_SIGMA_T", "check_heatmaps", "check_mask", "check_number", "check_option",
+           "check_points", "check_real", "check_tensor_values", "per_map_argument"]

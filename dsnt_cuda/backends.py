@@ -1,26 +1,35 @@
-"""Which implementation computes the fused ops: the process-wide default and its overrides.
+"""Which implementation computes the fused op, and the one place every call goes through.
 
 Backends: "reference" (pure PyTorch, always there), "cpu" (fused C++ kernels on CPU tensors),
 "cuda" (fused CUDA C++ kernels), "triton" (fused Triton kernels on CUDA tensors, or on CPU
 tensors when TRITON_INTERPRET=1), and "auto" (the fastest available for the tensor's device).
+
+`dsnt_forward` is the single dispatch point of the package: the backend table maps a name to the
+forward op (docs/ops.md's `dsnt_fwd` arguments), and every public function calls it once. While
+`torch.onnx.export` runs (both exporters) it uses the reference whatever backend was asked for:
+ONNX has no fused op, and the reference is a composition of standard operators. torch.export
+and torch.compile keep the fused op in the graph.
 """
 
 import contextlib
 import importlib.util
 import os
 import threading
+from collections.abc import Callable, Iterator
 
 import torch
 
-from dsnt_cuda import _extension
+from dsnt_cuda import _extension, reference
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+# The backends that run fused kernels, in the order "auto" prefers them per device type.
+AUTO_PREFERENCE = {"cuda": "cuda", "cpu": "cpu"}
 
 _state = threading.local()
 _default = {"name": "auto"}
 
 
-def _check_name(name):
+def _check_name(name: object) -> None:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
@@ -38,7 +47,7 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Run a block with another default backend (per thread, restored on exit)."""
     _check_name(name)
     stack = _state.__dict__.setdefault("stack", [])
@@ -57,26 +66,19 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def backend_unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
-    """None when `name` can run on `device` (any device when None), else why not."""
-    _check_name(name)
-    if name in ("auto", "reference"):
-        return None
-    if name == "cpu":
-        if not _extension.has_kernel("dsnt_fwd", "CPU"):
+def _cpp_reason(name: str, dispatch_key: str, device: torch.device | None) -> str | None:
+    if not _extension.has_kernel("dsnt_fwd", dispatch_key):
+        if not _extension.extension_loaded():
             return f"the C++ extension is not built or failed to load ({_extension.LOAD_ERROR})"
-        if device is not None and device.type != "cpu":
-            return f"the cpu backend takes CPU tensors, got a tensor on {device}"
-        return None
-    if name == "cuda":
-        if not _extension.has_kernel("dsnt_fwd", "CUDA"):
-            return "the C++ extension was built without CUDA kernels (or is not built)"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is available"
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend takes CUDA tensors, got a tensor on {device}"
-        return None
-    # triton
+        return f"the C++ extension was built without {name} kernels"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    if device is not None and device.type != name:
+        return f"the {name} backend takes {name.upper()} tensors, got a tensor on {device}"
+    return None
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
     if not _triton_installed():
         return "triton is not installed"
     if device is not None and device.type == "cpu":
@@ -88,20 +90,95 @@ def backend_unavailable_reason(name: str, device: torch.device | None = None) ->
     return None
 
 
+def backend_unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
+    """None when `name` can run on `device` (any device when None), else why not."""
+    _check_name(name)
+    if name in ("auto", "reference"):
+        return None
+    if name == "triton":
+        return _triton_reason(device)
+    return _cpp_reason(name, name.upper(), device)
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on `device` (or on some device of this machine when None)."""
     dev = torch.device(device) if device is not None else None
     return [b for b in BACKENDS if backend_unavailable_reason(b, dev) is None]
 
 
+# Availability does not change while a process runs: each (backend, device type) is asked once,
+# which keeps the per-call cost of dispatch to a dict look-up.
+_reasons: dict[tuple[str, str], str | None] = {}
+
+
+def _reason_cached(name: str, device: torch.device) -> str | None:
+    key = (name, device.type)
+    if key not in _reasons:
+        _reasons[key] = backend_unavailable_reason(name, torch.device(device.type))
+    return _reasons[key]
+
+
 def resolve_backend(name: str | None, device: torch.device) -> str:
-    """The concrete backend for a call: `name` (or the default) checked against `device`."""
+    """The concrete backend of a call: `name` (None: the default in force) checked against
+    `device`; "reference" while torch.onnx.export runs."""
+    if torch.onnx.is_in_onnx_export():
+        return "reference"
     name = get_backend() if name is None else name
     _check_name(name)
     if name == "auto":
-        preferred = "cuda" if device.type == "cuda" else "cpu"
-        return preferred if backend_unavailable_reason(preferred, device) is None else "reference"
-    reason = backend_unavailable_reason(name, device)
+        preferred = AUTO_PREFERENCE.get(device.type, "reference")
+        if preferred == "reference" or _reason_cached(preferred, device) is not None:
+            return "reference"
+        name = preferred
+    reason = _reason_cached(name, device)
     if reason is not None:
         raise RuntimeError(f"dsnt_cuda backend {name!r} is not available: {reason}")
+    if name == "triton" and torch.jit.is_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot record the Triton kernels of the dsnt_cuda 'triton' backend; "
+            "trace with backend='cuda' (or 'reference'), or use torch.export / torch.compile, "
+            "which keep the Triton op in the graph"
+        )
     return name
+
+
+def _triton_forward() -> Callable:
+    import dsnt_cuda.triton  # noqa: F401  (importing registers the Triton ops)
+
+    return torch.ops.dsnt_cuda.dsnt_fwd_triton.default
+
+
+# name -> the forward callable: (logits, target, mask, beta_map, sigma_t_map, normalization,
+# beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight) -> (coords, variance,
+# reg_losses, coord_losses, loss[, stats]). Resolved on first use.
+_FORWARD_TABLE: dict[str, Callable[[], Callable]] = {
+    "reference": lambda: reference.dsnt_fwd,
+    "cpu": lambda: torch.ops.dsnt_cuda.dsnt_fwd.default,
+    "cuda": lambda: torch.ops.dsnt_cuda.dsnt_fwd.default,
+    "triton": _triton_forward,
+}
+_forward_ops: dict[str, Callable] = {}
+
+
+def forward_op(name: str) -> Callable:
+    """The forward callable of a concrete backend (not "auto")."""
+    op = _forward_ops.get(name)
+    if op is None:
+        op = _forward_ops[name] = _FORWARD_TABLE[name]()
+    return op
+
+
+def dsnt_forward(logits, target, mask, beta_map, sigma_t_map, normalization, beta,
+                 normalized_coordinates, reg, sigma_t, coord_loss, reg_weight, backend=None):
+    """docs/ops.md's dsnt_fwd on the backend of the call: (coords, variance, reg_losses,
+    coord_losses, loss). Arguments are not checked here: the public functions check them."""
+    op = forward_op(resolve_backend(backend, logits.device))
+    outputs = op(logits, target, mask, beta_map, sigma_t_map, normalization, beta,
+                 normalized_coordinates, reg, sigma_t, coord_loss, reg_weight)
+    return outputs[:5]
+
+
+__all__ = [
+    "BACKENDS", "available_backends", "backend_unavailable_reason", "dsnt_forward", "forward_op",
+    "get_backend", "resolve_backend", "set_backend", "triton_interpreter_enabled", "use_backend",
+]

@@ -1,17 +1,30 @@
-"""The fused API: logits in, coordinates (and the whole training loss) out, one kernel a direction.
+"""The fused API: logits in, coordinates (and the whole training loss) out, one op call each.
 
 `fused_dsnt` is for inference (coordinates, optionally the per-axis variance, no heatmap
 written); `dsnt_loss` is the standard training loss of DSNT: normalize -> coordinates ->
-coordinate loss + weighted regularizer -> masked average.
+coordinate loss + weighted regularizer -> masked average, all inside the op (docs/ops.md).
+
+`beta` (the softmax's inverse temperature) and `sigma_t` (the Gaussian target's width) are each a
+float or a tensor broadcastable to (B, L): one value, one per keypoint `(L,)` or one per map
+`(B, L)`. A tensor beta that requires grad gets its gradient from the op's backward.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from dsnt_cuda import reference
-from dsnt_cuda._validation import check_core_args, check_mask, check_option, check_points
-from dsnt_cuda.dispatch import dsnt_core
+from dsnt_cuda._validation import (
+    check_heatmaps,
+    check_mask,
+    check_option,
+    check_points,
+    check_real,
+    per_map_argument,
+)
+from dsnt_cuda.backends import dsnt_forward
+from dsnt_cuda.reference import COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
+
+PerMap = float | torch.Tensor  # a float, or a tensor broadcastable to (B, L)
 
 
 class DSNTLossResult(NamedTuple):
@@ -23,14 +36,29 @@ class DSNTLossResult(NamedTuple):
     reg_losses: torch.Tensor  # (B, L), zeros when reg is None
 
 
-def fused_dsnt(logits, *, normalization="softmax", beta=1.0, normalized_coordinates=True,
-               return_variance=False, backend=None):
+def regularizer_name(reg: str | None) -> str:
+    """The op's spelling of the `reg` option (None means "none")."""
+    return "none" if reg is None else check_option("reg", reg, REGULARIZERS)
+
+
+def fused_dsnt(
+    logits: torch.Tensor,
+    *,
+    normalization: str = "softmax",
+    beta: PerMap = 1.0,
+    normalized_coordinates: bool = True,
+    return_variance: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Coordinates of each heatmap's expected location, straight from the logits.
 
     Args:
         logits: (B, L, S_1[, S_2[, S_3]]) heatmap logits, float16/bfloat16/float32/float64.
-        normalization: "softmax" (default, with inverse temperature `beta`), "abs", "relu",
-            "sigmoid", or "none" (the input is already a heatmap).
+        normalization: "softmax" (default, ``softmax(beta * z)``), "abs", "relu", "sigmoid", or
+            "none" (the input is already a heatmap).
+        beta: inverse temperature of the softmax (kornia's ``temperature`` is ``1 / beta``): a
+            float, or a tensor of shape (), (L,), (1, L), (B, 1) or (B, L), finite and > 0,
+            differentiable.
         normalized_coordinates: pixel centres in (-1, 1) (dsntnn's convention) when True,
             pixel indices when False.
         return_variance: also return the per-axis variance of each map in pixel², the spread
@@ -42,15 +70,36 @@ def fused_dsnt(logits, *, normalization="softmax", beta=1.0, normalized_coordina
         coords (B, L, n) in (x, y, z) order — float32 for half inputs — and with
         `return_variance=True` also the variance (B, L, n), same order and dtype.
     """
-    beta, _ = check_core_args(logits, None, normalization, beta, "none", 1.0)
-    coords, variance, _ = dsnt_core(logits, None, normalization, beta, normalized_coordinates,
-                                    "none", 1.0, backend)
+    check_heatmaps(logits, "heatmaps" if normalization == "none" else "logits")
+    check_option("normalization", normalization, NORMALIZATIONS)
+    beta, beta_map = per_map_argument("beta", beta, logits)
+    return coordinates(logits, normalization, beta, beta_map, bool(normalized_coordinates),
+                       return_variance, backend)
+
+
+def coordinates(logits, normalization, beta, beta_map, normalized_coordinates, return_variance,
+                backend):
+    """`fused_dsnt` on checked arguments (the modules call it directly)."""
+    coords, variance, _, _, _ = dsnt_forward(
+        logits, None, None, beta_map, None, normalization, beta, normalized_coordinates, "none",
+        1.0, "none", 0.0, backend)
     return (coords, variance) if return_variance else coords
 
 
-def dsnt_loss(logits, target, *, mask=None, reg="js", sigma_t=1.0, reg_weight=1.0,
-              coord_loss="euclidean", normalization="softmax", beta=1.0, backend=None):
-    """The DSNT training loss from logits, fused: one forward and one backward kernel.
+def dsnt_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    reg: str | None = "js",
+    sigma_t: PerMap = 1.0,
+    reg_weight: float = 1.0,
+    coord_loss: str = "euclidean",
+    normalization: str = "softmax",
+    beta: PerMap = 1.0,
+    backend: str | None = None,
+) -> DSNTLossResult:
+    """The DSNT training loss from logits, fused: one forward and one backward op.
 
     With the defaults it equals dsntnn's recipe: flat_softmax -> dsnt -> euclidean_losses +
     js_reg_losses(sigma_t=1) -> average_loss.
@@ -58,9 +107,12 @@ def dsnt_loss(logits, target, *, mask=None, reg="js", sigma_t=1.0, reg_weight=1.
     Args:
         logits: (B, L, S_1[, S_2[, S_3]]) heatmap logits.
         target: (B, L, n) target coordinates, normalized units, (x, y, z) order.
-        mask: optional (B, L) weights of the keypoints (0 drops a keypoint from the average).
+        mask: optional (B, L) weights of the keypoints (0 drops a keypoint from the average);
+            floating or bool, takes no gradient.
         reg: "js" (default), "kl", "var" or None.
-        sigma_t: standard deviation of the Gaussian target in pixels (> 0).
+        sigma_t: standard deviation of the Gaussian target in pixels: a float or a tensor
+            broadcastable to (B, L) (e.g. COCO's per-joint sigmas, per-instance widths), finite
+            and >= 2^-40 px (2^-400 for float64 logits); no gradient.
         reg_weight: weight of the regularizer.
         coord_loss: "euclidean" (default), "l1" or "mse".
         normalization, beta, backend: as for `fused_dsnt`.
@@ -68,12 +120,26 @@ def dsnt_loss(logits, target, *, mask=None, reg="js", sigma_t=1.0, reg_weight=1.
     Returns:
         DSNTLossResult(loss, coords, coord_losses, reg_losses).
     """
-    reg = "none" if reg is None else reg
-    check_option("coord_loss", coord_loss, reference.COORD_LOSSES)
-    beta, sigma_t = check_core_args(logits, target, normalization, beta, reg, sigma_t)
+    check_heatmaps(logits, "heatmaps" if normalization == "none" else "logits")
     check_points(target, logits, "target")
-    check_mask(mask, logits.shape[:2])
-    coords, _, reg_losses = dsnt_core(logits, target, normalization, beta, True, reg, sigma_t, backend)
-    coord_losses = reference.coordinate_losses(coords, target.to(coords.dtype), coord_loss)
-    loss = reference.average_loss(coord_losses + reg_weight * reg_losses, mask)
-    return DSNTLossResult(loss, coords, coord_losses, reg_losses)
+    check_mask(mask, logits)
+    check_option("normalization", normalization, NORMALIZATIONS)
+    check_option("coord_loss", coord_loss, COORD_LOSSES)
+    reg = regularizer_name(reg)
+    beta, beta_map = per_map_argument("beta", beta, logits)
+    sigma_t, sigma_t_map = per_map_argument("sigma_t", sigma_t, logits)
+    reg_weight = check_real("reg_weight", reg_weight)
+    return loss(logits, target, mask, beta, beta_map, sigma_t, sigma_t_map, normalization, reg,
+                reg_weight, coord_loss, backend)
+
+
+def loss(logits, target, mask, beta, beta_map, sigma_t, sigma_t_map, normalization, reg,
+         reg_weight, coord_loss, backend) -> DSNTLossResult:
+    """`dsnt_loss` on checked arguments (the modules call it directly)."""
+    coords, _, reg_losses, coord_losses, total = dsnt_forward(
+        logits, target, mask, beta_map, sigma_t_map, normalization, beta, True, reg, sigma_t,
+        coord_loss, reg_weight, backend)
+    return DSNTLossResult(total, coords, coord_losses, reg_losses)
+
+
+__all__ = ["DSNTLossResult", "PerMap", "dsnt_loss", "fused_dsnt"]

@@ -63,43 +63,73 @@ def dsnt_bwd_fake(grad_coords, grad_variance, grad_reg_losses, grad_coord_losses
     return grad_logits, grad_target, grad_beta
 
 
-def register_op_pair(fwd_name: str, bwd_op) -> None:
-    """Fake kernels and autograd for a forward op with dsnt_fwd's schema.
+def register_op_pair(fwd_name: str, bwd_op, lib: torch.library.Library | None = None) -> None:
+    """Autograd for a forward op with dsnt_fwd's schema (its fake kernel is registered apart).
 
     `fwd_name` is the qualified name ("dsnt_cuda::dsnt_fwd"); `bwd_op` the matching backward op
     (schema of dsnt_bwd), called as a function. Differentiable inputs: logits, target, beta_map.
+
+    This is what `torch.library.register_autograd` registers (a kernel at the Autograd key that
+    applies an autograd.Function and redispatches below autograd), without its per-call
+    generic argument handling, which costs ~80 us a training step on a slow CPU: the schema
+    has no defaults and no keyword-only arguments to restore.
     """
+    op = torch._library.utils.lookup_op(fwd_name)
+    unused_grads = (None,) * (len(FWD_ARGS) - 4)
 
-    def setup_context(ctx, inputs, output):
-        logits, target, mask, beta_map, sigma_t_map, *options = inputs
-        coords, variance, _reg, _coord_losses, _loss, stats = output
-        ctx.save_for_backward(logits, target, mask, beta_map, sigma_t_map, coords, variance, stats)
-        ctx.options = tuple(options)
-        ctx.mark_non_differentiable(stats)
-        # Unused outputs come as None instead of zero tensors: the op treats None as zeros.
-        ctx.set_materialize_grads(False)
+    def redispatch(keyset, args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
-    def backward(ctx, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
-                 _grad_stats):
-        logits, target, mask, beta_map, sigma_t_map, coords, variance, stats = ctx.saved_tensors
-        needs_logits, needs_target, _, needs_beta = ctx.needs_input_grad[:4]
-        needs_target = bool(needs_target) and target is not None
-        needs_beta = bool(needs_beta) and beta_map is not None
-        if not (needs_logits or needs_target or needs_beta):
-            return (None,) * len(FWD_ARGS)
-        grad_logits, grad_target, grad_beta = bwd_op(
-            grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
-            logits, target, mask, beta_map, sigma_t_map, coords, variance, stats,
-            *ctx.options, needs_target, needs_beta,
-        )
-        return (
-            grad_logits if needs_logits else None,
-            grad_target if needs_target else None,
-            None,
-            grad_beta if needs_beta else None,
-        ) + (None,) * (len(FWD_ARGS) - 4)
+    class DsntFwd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, *args):
+            output = redispatch(keyset, args)
+            logits, target, mask, beta_map, sigma_t_map = args[:5]
+            coords, variance, _reg, _coord_losses, _loss, stats = output
+            ctx.save_for_backward(logits, target, mask, beta_map, sigma_t_map, coords, variance, stats)
+            ctx.options = args[5:]
+            ctx.mark_non_differentiable(stats)
+            # Unused outputs come as None instead of zero tensors: the op treats None as zeros.
+            ctx.set_materialize_grads(False)
+            return output
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+        @staticmethod
+        def backward(ctx, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses,
+                     grad_loss, _grad_stats):
+            logits, target, mask, beta_map, sigma_t_map, coords, variance, stats = ctx.saved_tensors
+            _, needs_logits, needs_target, _, needs_beta = ctx.needs_input_grad[:5]
+            needs_target = needs_target and target is not None
+            needs_beta = needs_beta and beta_map is not None
+            if not (needs_logits or needs_target or needs_beta):
+                return (None,) * (1 + len(FWD_ARGS))
+            grad_logits, grad_target, grad_beta = bwd_op(
+                grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
+                logits, target, mask, beta_map, sigma_t_map, coords, variance, stats,
+                *ctx.options, needs_target, needs_beta,
+            )
+            return (
+                None,  # the dispatch keyset
+                grad_logits if needs_logits else None,
+                grad_target if needs_target else None,
+                None,
+                grad_beta if needs_beta else None,
+                *unused_grads,
+            )
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return DsntFwd.apply(keyset, *args)
+        return redispatch(keyset, args)
+
+    namespace, name = fwd_name.split("::")
+    library = lib if lib is not None else torch.library.Library(namespace, "FRAGMENT")
+    library.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    _libraries.append(library)
+
+
+# The Library objects that hold the registrations (a registration lives as long as its Library).
+_libraries: list = []
 
 
 def _register_cpp_ops() -> bool:

@@ -175,7 +175,7 @@ def gaussian_heatmaps(means: torch.Tensor, size, sigma_t, normalize: bool = True
     the plain quotient's gradient underflows (1e-24 squared) to 0/0 in float32 for a target far
     outside the map.
     """
-    size = [int(s) for s in size]
+    size = list(size)  # ints, or symbolic sizes under torch.export (not specialized)
     n = len(size)
     if isinstance(sigma_t, torch.Tensor):
         sigma_t = sigma_t.to(means.dtype).expand(means.shape[:-1]).unsqueeze(-1)
@@ -198,7 +198,8 @@ def gaussian_heatmaps(means: torch.Tensor, size, sigma_t, normalize: bool = True
     if not normalize:
         return torch.exp(log_gauss)
     log_total = sum(torch.logsumexp(f, dim=-1) for f in log_factors)
-    log_norm = torch.logaddexp(log_total, torch.full_like(log_total, math.log(EPS)))
+    # log(total + eps) as a logsumexp (logaddexp has no ONNX export in torch's TorchScript exporter)
+    log_norm = torch.logsumexp(torch.stack([log_total, torch.full_like(log_total, math.log(EPS))]), dim=0)
     return torch.exp(log_gauss - log_norm.reshape(list(log_norm.shape) + [1] * n))
 
 
@@ -208,7 +209,13 @@ def _sum_spatial(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
     """sum_i p_i (log(p_i + eps) - log(q_i + eps)) over the last n dims."""
-    return _sum_spatial(p * (torch.log(p + EPS) - torch.log(q + EPS)), n)
+    return _sum_spatial(p * (_log_plus_eps(p) - _log_plus_eps(q)), n)
+
+
+def _log_plus_eps(t: torch.Tensor) -> torch.Tensor:
+    """log(t + eps). eps is added as a 1-element tensor, not a scalar: the ONNX optimizer of
+    torch.onnx.export (onnxscript) drops `x + c` for a scalar |c| < 1e-8 as a no-op; same value."""
+    return torch.log(t + t.new_full((1,), EPS))
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,13 +266,14 @@ def coordinate_losses(actual, target, coord_loss: str) -> torch.Tensor:
 
 def average_loss(losses: torch.Tensor, mask=None) -> torch.Tensor:
     """sum(losses * mask) / max(sum(mask), 1); the plain mean when mask is None."""
-    if mask is None:
-        return losses.sum() / max(losses.numel(), 1)
+    if mask is None:  # the count as a tensor op, so that a traced graph keeps it symbolic
+        count = torch.ones_like(losses, dtype=accumulation_dtype(losses.dtype)).sum().clamp(min=1)
+        return (losses.sum() / count).to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------
-# The whole per-map transform, with the ops' signature (csrc/OPS.md)
+# The whole per-map transform, with the ops' signature (docs/ops.md)
 # --------------------------------------------------------------------------------------------
 
 

@@ -13,12 +13,22 @@ tolerance rule.
   error against the truth at most twice the baseline's error plus a floor of a few ulps of the
   output's dtype (flash-attention's rule). Errors are measured relative to max(1, |truth|) per
   element, so large values are compared relatively and small ones absolutely.
+
+For the tests of the public API (every backend through the same functions):
+- `backends_on(device)`, `BACKEND_CASES`: the backends this process tests, found at run time
+  (`dsnt_cuda.available_backends`), so cpu / cuda / triton are covered wherever they run;
+- `random_logits`, `random_heatmaps`, `random_targets`, `peaked_logits`: seeded inputs;
+- `values_and_grads(fn, *inputs)`: outputs of `fn` and the gradients of a random weighting of
+  them with respect to every floating input, the comparison unit of API tests.
 """
 
+import os
 from dataclasses import dataclass, field, replace
 
+import pytest
 import torch
 
+import dsnt_cuda
 from dsnt_cuda import reference
 
 FWD_OUTPUTS = ("coords", "variance", "reg_losses", "coord_losses", "loss")
@@ -55,6 +65,15 @@ class OpCase:
 
     def options(self) -> tuple:
         return self.fwd_args()[5:]
+
+    @property
+    def beta_argument(self):
+        """beta as the public API takes it: the per-map tensor when the case has one, else the float."""
+        return self.beta if self.beta_map is None else self.beta_map
+
+    @property
+    def sigma_t_argument(self):
+        return self.sigma_t if self.sigma_t_map is None else self.sigma_t_map
 
     def cast(self, dtype: torch.dtype) -> "OpCase":
         """The same case with the logits in `dtype` (everything else unchanged)."""
@@ -188,17 +207,23 @@ def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 FLOOR_ULPS = 64
 
 
-def assert_close(actual, exact, baseline, what: str):
+def assert_close(actual, exact, baseline, what: str, baseline_scale: float = 1.0):
     """`actual` against the float64 `exact`, allowed twice `baseline`'s error (the reference in
-    the case's dtype; None: float64 inputs, where the floor alone applies)."""
+    the case's dtype; None: float64 inputs, where the floor alone applies) times
+    `baseline_scale` (FLOAT64_BUDGET_SCALE: see there)."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     a, e = actual.detach().cpu(), exact.detach().cpu()
     assert torch.equal(a.double().isnan(), e.double().isnan()), f"{what}: NaN pattern differs from the reference"
     assert torch.equal(a.double().isinf(), e.double().isinf()), f"{what}: inf pattern differs from the reference"
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
-    allowed = floor + (2 * max_error(baseline, exact) if baseline is not None else 0.0)
+    allowed = floor + (2 * baseline_scale * max_error(baseline, exact) if baseline is not None else 0.0)
     err = max_error(a, e)
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
+
+
+# When the "exact" result is itself a float64 computation by another formula (dsntnn's), its own
+# rounding error is estimated from its float32 run's error scaled by the ratio of the epsilons.
+FLOAT64_BUDGET_SCALE = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
 
 
 def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
@@ -215,3 +240,78 @@ def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
     for name, a, e, b in zip(BWD_OUTPUTS, grads, exact_b, base_b):
         assert_close(a, e, b, f"{what} {name}")
     return outs, grads
+
+
+# --------------------------------------------------------------------------------------------
+# The public API's tests: backends, inputs, values and gradients
+# --------------------------------------------------------------------------------------------
+
+# Triton's interpreter must be on before triton is imported, so it runs in a process of its own
+# (make test-triton), which tests the triton backend only; the main process tests the others.
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def devices_here() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() and not TRITON_INTERPRETER else ["cpu"]
+
+
+def backends_on(device: str) -> list[str]:
+    """The concrete backends this process tests on tensors of `device`."""
+    names = [b for b in dsnt_cuda.available_backends(device) if b != "auto"]
+    if TRITON_INTERPRETER:
+        return [b for b in names if b == "triton"]
+    return [b for b in names if not (b == "triton" and device == "cpu")]
+
+
+# (backend, device) of every backend this process runs; ids like "cpu-cpu", "triton-cuda".
+BACKEND_CASES = [pytest.param((b, d), id=f"{b}-{d}") for d in devices_here() for b in backends_on(d)]
+CPU_BACKENDS = backends_on("cpu")
+
+
+def random_logits(shape, dtype=torch.float64, seed=0, scale=2.0, device="cpu"):
+    """Standard-normal logits times `scale`: peaked but not degenerate softmax maps."""
+    x = torch.randn(shape, generator=generator(seed), dtype=torch.float64) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+def random_heatmaps(shape, dtype=torch.float64, seed=0, device="cpu"):
+    """Positive maps that do NOT sum to 1 (dsntnn accepts those; its results are plain sums)."""
+    x = torch.rand(shape, generator=generator(seed), dtype=torch.float64) + 0.05
+    return x.to(device=device, dtype=dtype)
+
+
+def random_targets(batch, keypoints, dims, dtype=torch.float64, seed=1, device="cpu"):
+    """Target means in normalized units, inside the map (|mu| < 0.9)."""
+    x = torch.rand((batch, keypoints, dims), generator=generator(seed), dtype=torch.float64)
+    return ((x * 2 - 1) * 0.9).to(device=device, dtype=dtype)
+
+
+def peaked_logits(shape, peak, width):
+    """float32 log of a Gaussian bump of `width` pixels at pixel `peak` (one entry per axis)."""
+    z = torch.zeros(shape, dtype=torch.float64)
+    for axis, (size, centre) in enumerate(zip(shape[2:], peak, strict=True)):
+        j = torch.arange(size, dtype=torch.float64) - centre
+        view = [1] * len(shape)
+        view[2 + axis] = size
+        z = z - (j * j / (2 * width * width)).view(view)
+    return z.float()
+
+
+def values_and_grads(fn, *inputs, seed=7):
+    """(outputs, grads): `fn(*inputs)` (a tensor or a tuple of tensors) and the gradients of a
+    seeded random weighting of its outputs w.r.t. each floating tensor input (None for others,
+    zeros where no gradient flows)."""
+    leaves = [t.detach().clone().requires_grad_(True) if _floating(t) else t for t in inputs]
+    outputs = fn(*leaves)
+    outputs = tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    g = generator(seed)
+    weighted = [(o.double() * torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+                for o in outputs if o.requires_grad]
+    wanted = [t for t in leaves if _floating(t)]
+    grads = torch.autograd.grad(sum(weighted), wanted, allow_unused=True) if weighted else [None] * len(wanted)
+    by_leaf = {id(t): (torch.zeros_like(t) if d is None else d) for t, d in zip(wanted, grads, strict=True)}
+    return tuple(o.detach() for o in outputs), tuple(by_leaf.get(id(t)) for t in leaves)
+
+
+def _floating(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()

@@ -10,7 +10,7 @@ error in that dtype, plus a little).
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from support import CPU_BACKENDS
 from torch import nn
 
 import dsnt_cuda

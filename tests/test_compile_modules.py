@@ -1,11 +1,12 @@
 """`torch.compile(fullgraph=True, dynamic=True)` of small models ending in `DSNT` / `DSNTLoss`:
-no graph breaks, eager's values and gradients, for each backend that runs here (CUDA variants skip
-without a GPU). Inductor compiles take ~15-20 s on 2 CPU cores, so each backend compiles one model
-that holds both modules."""
+no graph breaks, eager's values and gradients (the learnable temperature's included), for each
+backend that runs here (CUDA variants skip without a GPU). Inductor compiles take ~15-20 s on 2
+CPU cores, so each backend compiles one model that holds both modules, one with a constant beta,
+one with a learnable beta per keypoint."""
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from support import CPU_BACKENDS
 from torch import nn
 
 import dsnt_cuda
@@ -19,13 +20,15 @@ CUDA_BACKENDS = (
 
 
 class ConvDSNT(nn.Module):
-    """conv -> (DSNT coordinates + variance in align-corners units, DSNTLoss)."""
+    """conv -> (DSNT coordinates + variance in align-corners units, DSNTLoss with a learnable beta
+    per keypoint and a per-keypoint sigma_t)."""
 
     def __init__(self, backend, keypoints=3):
         super().__init__()
         self.conv = nn.Conv2d(1, keypoints, 3, padding=1)
         self.dsnt = DSNT(coordinates="align_corners", return_variance=True, backend=backend)
-        self.loss = DSNTLoss(reg="js", sigma_t=1.5, beta=2.0, backend=backend)
+        self.loss = DSNTLoss(reg="js", sigma_t=torch.linspace(1.0, 2.0, keypoints), beta=2.0, backend=backend,
+                             learnable_beta=True, num_keypoints=keypoints)
 
     def forward(self, images, target):
         logits = self.conv(images)

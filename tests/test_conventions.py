@@ -15,7 +15,7 @@ kornia facts checked here (kornia 0.9), each asserted only where the definitions
 import kornia
 import pytest
 import torch
-from conftest import CPU_BACKENDS, random_logits, random_targets
+from support import CPU_BACKENDS, random_logits, random_targets
 
 import dsnt_cuda
 from dsnt_cuda import conventions

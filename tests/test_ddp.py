@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CPU_BACKENDS
+from support import CPU_BACKENDS
 from torch import nn
 
 from dsnt_cuda import DSNTLoss

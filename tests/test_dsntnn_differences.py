@@ -5,7 +5,7 @@ import dsntnn
 import numpy as np
 import pytest
 import torch
-from conftest import random_logits, random_targets
+from support import random_logits, random_targets
 
 import dsnt_cuda
 

@@ -7,7 +7,7 @@ import pickle
 import dsntnn
 import pytest
 import torch
-from conftest import CPU_BACKENDS, random_logits, random_targets
+from support import CPU_BACKENDS, random_logits, random_targets
 from torch import nn
 
 import dsnt_cuda

@@ -1,57 +1,62 @@
-"""Property tests: random geometry and options, every CPU-capable backend against the float64
-reference (values and gradients), with shapes hypothesis picks, including 1-pixel axes."""
+"""Property tests: random geometry and options (beta / sigma_t as floats or per-map tensors, a
+mask, every loss), each fused backend on CPU tensors through `dsnt_loss` against the float64
+reference — values and gradients of logits, target and beta — with shapes hypothesis picks,
+1-pixel axes included."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import CPU_BACKENDS, assert_close, make_case, reference_backward, reference_forward
 
 import dsnt_cuda
 from dsnt_cuda import reference
 
-BACKENDS = [b for b in dsnt_cuda.available_backends("cpu") if b not in ("auto", "reference", "triton")]
+FUSED = [b for b in CPU_BACKENDS if b != "reference"]
+KINDS = ("float", "scalar", "keypoint", "map")
 
 
 @st.composite
-def problems(draw):
+def cases(draw):
     dims = draw(st.integers(1, 3))
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), *[draw(st.integers(1, 9)) for _ in range(dims)])
-    seed = draw(st.integers(0, 2**31 - 1))
-    options = dict(
-        normalization=draw(st.sampled_from(reference.NORMALIZATIONS)),
-        beta=draw(st.floats(0.25, 4.0)),
-        normalized_coordinates=draw(st.booleans()),
-        reg=draw(st.sampled_from(reference.REGULARIZERS)),
-        sigma_t=draw(st.floats(0.3, 3.0)),
-    )
-    return shape, seed, options
+    normalization = draw(st.sampled_from([n for n in reference.NORMALIZATIONS if n != "none"]))
+    return make_case(
+        shape, normalization, draw(st.sampled_from(reference.REGULARIZERS)), dtype=torch.float64,
+        seed=draw(st.integers(0, 2**31 - 1)), coord_loss=draw(st.sampled_from(reference.COORD_LOSSES)),
+        beta=draw(st.floats(0.25, 4.0)), beta_kind=draw(st.sampled_from(KINDS)),
+        sigma_t=draw(st.floats(0.3, 3.0)), sigma_kind=draw(st.sampled_from(KINDS)),
+        mask=draw(st.booleans()), scale=3.0)
 
 
-@pytest.mark.skipif(not BACKENDS, reason="the C++ extension is not built")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.skipif(not FUSED, reason="no fused backend runs on CPU tensors here (C++ extension not built)")
+@pytest.mark.parametrize("backend", FUSED)
 @settings(max_examples=60, deadline=None)
-@given(problem=problems())
-def test_backend_matches_reference_on_random_problems(backend, problem):
-    shape, seed, options = problem
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(shape, generator=g, dtype=torch.float64) * 3
-    if options["normalization"] == "none":
-        logits = logits.abs() + 0.01
-    target = (torch.rand((*shape[:2], len(shape) - 2), generator=g, dtype=torch.float64) * 2 - 1)
-    weights = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((*shape[:2], len(shape) - 2),) * 2 + (shape[:2],)]
-    args = (options["normalization"], options["beta"], options["normalized_coordinates"], options["reg"],
-            options["sigma_t"])
+@given(case=cases())
+def test_dsnt_loss_matches_reference_on_random_problems(backend, case):
+    def loss(z, t, b):
+        result = dsnt_cuda.dsnt_loss(z, t, mask=case.mask, reg=case.reg, sigma_t=case.sigma_t_argument,
+                                     reg_weight=case.reg_weight, coord_loss=case.coord_loss,
+                                     normalization=case.normalization,
+                                     beta=case.beta if b is None else b, backend=backend)
+        return result.coords, result.reg_losses, result.coord_losses, result.loss
 
-    def run(fn):
-        z = logits.clone().requires_grad_(True)
-        t = target.clone().requires_grad_(True)
-        outs = fn(z, t, *args)
-        total = sum((o * w).sum() for o, w in zip(outs, weights))
-        gz, gt = torch.autograd.grad(total, (z, t), allow_unused=True)
-        return [o.detach() for o in outs], gz, torch.zeros_like(t) if gt is None else gt
-
-    ours = run(lambda *a: dsnt_cuda.dispatch.dsnt_core(*a, backend=backend))
-    expected = run(reference.dsnt_core)
-    for a, b in zip([*ours[0], ours[1], ours[2]], [*expected[0], expected[1], expected[2]]):
-        scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * scale)
+    z = case.logits.clone().requires_grad_(True)
+    t = case.target.clone().requires_grad_(True)
+    b = case.beta_map.clone().requires_grad_(True) if case.beta_map is not None else None
+    coords, reg_losses, coord_losses, total = loss(z, t, b)
+    exact = reference_forward(case)
+    for name, got, want in (("coords", coords, exact[0]), ("reg_losses", reg_losses, exact[2]),
+                            ("coord_losses", coord_losses, exact[3]), ("loss", total, exact[4])):
+        assert_close(got, want, None, name)
+    up = case.upstream
+    weighted = (coords * up["grad_coords"]).sum() + (reg_losses * up["grad_reg_losses"]).sum() + (
+        coord_losses * up["grad_coord_losses"]).sum() + total * up["grad_loss"]
+    wanted = [x for x in (z, t, b) if x is not None]
+    grads = torch.autograd.grad(weighted, wanted, allow_unused=True)
+    # dsnt_loss does not return the variance: no upstream gradient for it
+    exact_grads = reference_backward(replace(case, upstream=dict(case.upstream, grad_variance=None)))
+    for name, got, want in zip(("grad_logits", "grad_target", "grad_beta_map"), grads, exact_grads, strict=False):
+        assert_close(torch.zeros_like(want) if got is None else got, want, None, name)
