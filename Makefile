@@ -7,7 +7,8 @@ VPY := $(VENV)/bin/python
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test test-python test-triton test-cmake bench cuda-report gpu-check clean
+.PHONY: all venv build test test-python test-triton test-cmake lint lint-python lint-cxx format-cxx bench \
+	overhead cuda-report gpu-check clean
 
 all: build
 
@@ -36,15 +37,38 @@ test-python:
 # Triton's interpreter must be switched on before triton is imported: its own process. The GPU
 # Triton tests run here too, on CPU tensors (their dry run, as above).
 test-triton:
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py tests/test_hard_maps.py
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py tests/test_edge_cases.py \
+		tests/test_export.py
 	TRITON_INTERPRET=1 DSNT_GPU_TESTS_ON=cpu $(VPY) -m pytest -q tests/test_triton_gpu.py
 
 test-cmake:
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/cmake_test.sh
 
+# Lint: ruff (rules in pyproject.toml) on the Python, clang-format (.clang-format) on the C++ / CUDA.
+# `make lint-cxx CXX_FILES="csrc/dsnt_ops.cpp csrc/dsnt_ops.h"` checks a list of files;
+# `make format-cxx CXX_FILES=...` rewrites them in place.
+RUFF := $(VENV)/bin/ruff
+CLANG_FORMAT := $(VENV)/bin/clang-format
+CXX_FILES ?= $(shell git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')
+
+lint: lint-python lint-cxx
+
+lint-python: venv
+	$(RUFF) check .
+
+lint-cxx: venv
+	$(CLANG_FORMAT) --dry-run --Werror $(CXX_FILES)
+
+format-cxx: venv
+	$(CLANG_FORMAT) -i $(CXX_FILES)
+
 bench: build
 	$(VPY) -m bench.run --device cpu
 	$(VPY) -m bench.plot
+
+# Python overhead of the API per training step on a tiny map (bench/overhead.py).
+overhead: build
+	$(VPY) -m bench.overhead
 
 # Registers, spills and shared memory of every CUDA kernel, from ptxas (no GPU needed).
 cuda-report: venv

@@ -24,7 +24,7 @@ def find_cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
     for root in candidates:
         if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) and (
             os.path.exists(os.path.join(root, "bin", "nvcc"))
@@ -85,7 +85,6 @@ else:
 
 setup(
     name="dsnt_cuda",
-    version="0.1.0",
     packages=find_packages(include=["dsnt_cuda", "dsnt_cuda.*"]),
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -259,7 +259,7 @@ def summary_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def summary_text(rows: list[dict]) -> str:
     header, lines = summary_rows(rows)
-    cells = [header] + lines
+    cells = [header, *lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     out = []
     for n, c in enumerate(cells):

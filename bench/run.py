@@ -209,8 +209,11 @@ def main(argv=None) -> int:
         print(f"bench: warning: {warning}", flush=True)
     if device.type == "cpu":
         min_run_time = config.CPU_MIN_RUN_TIME[level]
-        timer = lambda fn: time_cpu(fn, threads, min_run_time)
-        copy_timer = lambda fn: time_cpu(fn, threads, max(min_run_time, 0.2))
+        def timer(fn):
+            return time_cpu(fn, threads, min_run_time)
+
+        def copy_timer(fn):
+            return time_cpu(fn, threads, max(min_run_time, 0.2))
     else:
         warmup_ms, rep_ms = config.GPU_WARMUP_REP_MS[level]
         timer = copy_timer = lambda fn: time_cuda(fn, warmup_ms, rep_ms)

@@ -1,8 +1,8 @@
 """Loads the compiled extension `dsnt_cuda._C` if it was built; the package works without it."""
 
-import torch
-
 import importlib.util
+
+import torch
 
 _C = None
 LOAD_ERROR = None
@@ -10,7 +10,7 @@ if importlib.util.find_spec("dsnt_cuda._C") is None:
     LOAD_ERROR = "dsnt_cuda._C is not built (pip install --no-build-isolation . or make build)"
 else:
     try:
-        from dsnt_cuda import _C  # noqa: F401  (importing registers the torch.ops.dsnt_cuda ops)
+        from dsnt_cuda import _C  # importing registers the torch.ops.dsnt_cuda ops
     except ImportError as error:  # built against another torch, missing symbols, ...
         LOAD_ERROR = f"dsnt_cuda._C failed to load: {error}"
 

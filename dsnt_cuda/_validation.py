@@ -66,16 +66,18 @@ def check_mask(mask: object, heatmaps: torch.Tensor) -> None:
     if not (mask.is_floating_point() or mask.dtype == torch.bool):
         raise TypeError(f"mask must be a floating-point or bool tensor, got {mask.dtype}")
     if mask.shape != heatmaps.shape[:2]:
-        raise ValueError(f"mask must have shape (B, L) = {tuple(heatmaps.shape[:2])}, got {tuple(mask.shape)}")
+        raise ValueError(f"mask must have shape (B, L) = {tuple(heatmaps.shape[:2])}, "
+                         f"got {tuple(mask.shape)}")
     _check_device(mask, "mask", heatmaps)
     if mask.requires_grad:
         raise ValueError("mask takes no gradient (it only weights the average); pass mask.detach()")
 
 
-def _is_symbolic(value: object) -> bool:
-    # Under torch.compile(dynamic=True) a float may be symbolic: checking its value here would
-    # break the graph or specialize on it. The C++ op checks float options when it runs.
-    return isinstance(value, torch.SymFloat) or (torch.compiler.is_compiling() and isinstance(value, float))
+def _skip_value_checks() -> bool:
+    # Under torch.compile a float may be symbolic and a tensor's values are not known: checking
+    # them would break the graph, sync, or specialize on the value. The C++ op checks its float
+    # arguments when it runs.
+    return torch.compiler.is_compiling()
 
 
 def _as_float(name: str, value: object, expected: str) -> float:
@@ -85,29 +87,39 @@ def _as_float(name: str, value: object, expected: str) -> float:
 
 
 def check_real(name: str, value: object) -> float:
-    """A finite Python number, as a float (symbolic floats under torch.compile pass unchecked)."""
-    if _is_symbolic(value):
+    """A finite Python number, as a float (unchecked under torch.compile, where it may be symbolic)."""
+    if _skip_value_checks() or isinstance(value, torch.SymFloat):
         return value
-    value = _as_float(name, value, "a real number")
+    if type(value) is not float:
+        value = _as_float(name, value, "a real number")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
-def _value_limits(name: str, acc: torch.dtype) -> tuple[float, str]:
-    """(lowest allowed value, its wording) of a beta or a width (sigma) in the accumulation dtype."""
+# (lowest, highest) value of a beta / a width (sigma) in each accumulation dtype: a beta must be
+# a positive normal number, a width at least MIN_SIGMA_T; both at most the dtype's largest.
+_LIMITS = {(is_width, acc): (MIN_SIGMA_T[acc] if is_width else torch.finfo(acc).tiny, torch.finfo(acc).max)
+           for is_width in (False, True) for acc in (torch.float32, torch.float64)}
+
+
+def _limits(name: str, acc: torch.dtype) -> tuple[float, float]:
+    return _LIMITS[name.startswith("sigma"), acc]
+
+
+def _wording(name: str, acc: torch.dtype) -> str:
     if name.startswith("sigma"):
-        low = MIN_SIGMA_T[acc]
-        return low, f"finite and >= {low:.3g} pixels ({acc} cannot represent a narrower target)"
-    return torch.finfo(acc).tiny, f"finite and > 0 (representable in {acc})"
+        return f"finite and >= {_limits(name, acc)[0]:.3g} pixels ({acc} cannot represent a narrower target)"
+    return f"finite and > 0 (representable in {acc})"
 
 
 def check_number(name: str, value: object, acc: torch.dtype) -> float:
     """A beta / sigma given as a Python number, within the limits of the accumulation dtype."""
-    value = _as_float(name, value, "a real number or a tensor")
-    low, wording = _value_limits(name, acc)
-    if not (math.isfinite(value) and low <= value <= torch.finfo(acc).max):
-        raise ValueError(f"{name} must be {wording}, got {value}")
+    if type(value) is not float:
+        value = _as_float(name, value, "a real number or a tensor")
+    low, high = _limits(name, acc)
+    if not low <= value <= high:  # NaN fails too
+        raise ValueError(f"{name} must be {_wording(name, acc)}, got {value}")
     return value
 
 
@@ -117,11 +129,11 @@ def check_tensor_values(name: str, t: torch.Tensor, like: torch.Tensor, acc: tor
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     _check_device(t, name, like)
-    if check_values and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        low, wording = _value_limits(name, acc)
+    if check_values and not (_skip_value_checks() or torch.jit.is_tracing()):
+        low, high = _limits(name, acc)
         values = t.detach().to(acc)
-        if not bool(((values >= low) & (values <= torch.finfo(acc).max)).all()):
-            raise ValueError(f"every {name} must be {wording}; got values in "
+        if not bool(((values >= low) & (values <= high)).all()):
+            raise ValueError(f"every {name} must be {_wording(name, acc)}; got values in "
                              f"[{values.min().item():.3g}, {values.max().item():.3g}]")
 
 
@@ -143,7 +155,9 @@ def per_map_argument(name: str, value: object, heatmaps: torch.Tensor,
     of a tensor whose validity its producer guarantees (a module's log-parametrized beta)."""
     acc = accumulation_dtype(heatmaps.dtype)
     if not isinstance(value, torch.Tensor):
-        return (value if _is_symbolic(value) else check_number(name, value, acc)), None
+        if _skip_value_checks() or isinstance(value, torch.SymFloat):
+            return value, None
+        return check_number(name, value, acc), None
     if name == "sigma_t" and value.requires_grad:
         raise ValueError("sigma_t takes no gradient (the Gaussian target's width is a constant of "
                          "the loss); pass sigma_t.detach()")

@@ -106,16 +106,24 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b, dev) is None]
 
 
-# Availability does not change while a process runs: each (backend, device type) is asked once,
+def _resolve(name: object, device_type: str) -> str:
+    """The concrete backend that `name` means on `device_type`, or a clear error."""
+    _check_name(name)
+    device = torch.device(device_type)
+    if name == "auto":
+        preferred = AUTO_PREFERENCE.get(device_type)
+        if preferred is None or backend_unavailable_reason(preferred, device) is not None:
+            return "reference"
+        return preferred
+    reason = backend_unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"dsnt_cuda backend {name!r} is not available: {reason}")
+    return name
+
+
+# Availability does not change while a process runs: each (name, device type) is resolved once,
 # which keeps the per-call cost of dispatch to a dict look-up.
-_reasons: dict[tuple[str, str], str | None] = {}
-
-
-def _reason_cached(name: str, device: torch.device) -> str | None:
-    key = (name, device.type)
-    if key not in _reasons:
-        _reasons[key] = backend_unavailable_reason(name, torch.device(device.type))
-    return _reasons[key]
+_resolved: dict[tuple[str, str], str] = {}
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
@@ -123,23 +131,21 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     `device`; "reference" while torch.onnx.export runs."""
     if torch.onnx.is_in_onnx_export():
         return "reference"
-    name = get_backend() if name is None else name
-    _check_name(name)
-    if name == "auto":
-        preferred = AUTO_PREFERENCE.get(device.type, "reference")
-        if preferred == "reference" or _reason_cached(preferred, device) is not None:
-            return "reference"
-        name = preferred
-    reason = _reason_cached(name, device)
-    if reason is not None:
-        raise RuntimeError(f"dsnt_cuda backend {name!r} is not available: {reason}")
-    if name == "triton" and torch.jit.is_tracing():
+    if name is None:
+        name = get_backend()
+    elif type(name) is not str:
+        _check_name(name)
+    key = (name, device.type)
+    resolved = _resolved.get(key)
+    if resolved is None:
+        resolved = _resolved[key] = _resolve(name, device.type)
+    if resolved == "triton" and torch.jit.is_tracing():
         raise RuntimeError(
             "torch.jit.trace cannot record the Triton kernels of the dsnt_cuda 'triton' backend; "
             "trace with backend='cuda' (or 'reference'), or use torch.export / torch.compile, "
             "which keep the Triton op in the graph"
         )
-    return name
+    return resolved
 
 
 def _triton_forward() -> Callable:

@@ -39,7 +39,8 @@ def linear_expectation(probs: torch.Tensor, values: list[torch.Tensor]) -> torch
     """
     check_heatmaps(probs, "probs")
     if len(values) != probs.dim() - 2:
-        raise ValueError(f"expected {probs.dim() - 2} value vectors (one per spatial axis), got {len(values)}")
+        raise ValueError(f"expected {probs.dim() - 2} value vectors (one per spatial axis), "
+                         f"got {len(values)}")
     per_axis = []
     for k, (marginal, v) in enumerate(zip(reference.marginals(probs), values, strict=True)):
         if v.shape[-1] != marginal.shape[-1]:
@@ -114,7 +115,8 @@ def _check_sigma(sigma, means: torch.Tensor) -> None:
 def average_loss(losses: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of per-point losses; with a (B, L) mask, sum(losses * mask) / max(sum(mask), 1)."""
     if mask is not None and mask.shape != losses.shape:
-        raise ValueError(f"mask must be the same size as losses: {tuple(mask.shape)} vs {tuple(losses.shape)}")
+        raise ValueError(f"mask must be the same size as losses: {tuple(mask.shape)} vs "
+                         f"{tuple(losses.shape)}")
     return reference.average_loss(losses, mask)
 
 

@@ -84,8 +84,7 @@ class _Temperature(nn.Module):
         if normalization != "softmax":
             raise ValueError(f"a learnable beta needs normalization='softmax' ({normalization!r} "
                              "does not use beta)")
-        if num_keypoints is not None and (isinstance(num_keypoints, bool) or not isinstance(num_keypoints, int)
-                                          or num_keypoints < 1):
+        if num_keypoints is not None and (type(num_keypoints) is not int or num_keypoints < 1):
             raise ValueError(f"num_keypoints must be a positive int, got {num_keypoints!r}")
         shape = () if num_keypoints is None else (num_keypoints,)
         self.log_beta = nn.Parameter(torch.full(shape, math.log(self._constant_beta)))

@@ -56,10 +56,7 @@ def dsnt_bwd_fake(grad_coords, grad_variance, grad_reg_losses, grad_coord_losses
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     target_dtype = target.dtype if target is not None else acc
     grad_target = logits.new_empty((batch, keypoints, n), dtype=target_dtype)
-    if beta_map is None:
-        grad_beta = logits.new_empty((0,), dtype=acc)
-    else:
-        grad_beta = beta_map.new_empty(beta_map.shape)
+    grad_beta = logits.new_empty((0,), dtype=acc) if beta_map is None else beta_map.new_empty(beta_map.shape)
     return grad_logits, grad_target, grad_beta
 
 
@@ -144,5 +141,11 @@ def _register_cpp_ops() -> bool:
 
 _register_cpp_ops()
 
-__all__ = ["FWD_ARGS", "STATS_BASE", "accumulation_dtype", "dsnt_fwd_fake", "dsnt_bwd_fake",
-           "register_op_pair"]
+__all__ = [
+    "FWD_ARGS",
+    "STATS_BASE",
+    "accumulation_dtype",
+    "dsnt_bwd_fake",
+    "dsnt_fwd_fake",
+    "register_op_pair",
+]

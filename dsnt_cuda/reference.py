@@ -1,9 +1,9 @@
 """Pure-PyTorch DSNT: the readable oracle every fused kernel is checked against.
 
 Clarity beats speed here: each step of docs/math.md is one small function, built from eager
-PyTorch ops, differentiable by autograd (also with respect to a tensor `beta` and the target). Heatmaps are `(B, L, S_1, ..., S_n)` with n = 1..3
-spatial dims in tensor order (..., D, H, W); coordinates come out in (x, y, z) order (last tensor
-dim first), shape `(B, L, n)`.
+PyTorch ops, differentiable by autograd (also with respect to a tensor `beta` and the target).
+Heatmaps are `(B, L, S_1, ..., S_n)` with n = 1..3 spatial dims in tensor order (..., D, H, W);
+coordinates come out in (x, y, z) order (last tensor dim first), shape `(B, L, n)`.
 
 Dtypes: half inputs are computed in float32, float64 stays float64 (so gradcheck is meaningful);
 coordinates and losses come back in that accumulation dtype.
@@ -315,9 +315,30 @@ def dsnt_loss(logits, target, mask=None, reg="js", sigma_t=1.0, reg_weight=1.0,
 
 
 __all__ = [
-    "NORMALIZATIONS", "REGULARIZERS", "COORD_LOSSES", "EPS", "accumulation_dtype",
-    "normalized_linspace", "axis_grid", "divide_by_sum", "centred_pixel_grid", "normalize", "marginals",
-    "coordinates", "variance", "gaussian_heatmaps", "kl_divergence", "js_divergence",
-    "regularizer_losses", "euclidean_losses", "l1_losses", "mse_losses", "coordinate_losses",
-    "average_loss", "dsnt_core", "dsnt_fwd", "dsnt_loss", "per_map",
+    "COORD_LOSSES",
+    "EPS",
+    "NORMALIZATIONS",
+    "REGULARIZERS",
+    "accumulation_dtype",
+    "average_loss",
+    "axis_grid",
+    "centred_pixel_grid",
+    "coordinate_losses",
+    "coordinates",
+    "divide_by_sum",
+    "dsnt_core",
+    "dsnt_fwd",
+    "dsnt_loss",
+    "euclidean_losses",
+    "gaussian_heatmaps",
+    "js_divergence",
+    "kl_divergence",
+    "l1_losses",
+    "marginals",
+    "mse_losses",
+    "normalize",
+    "normalized_linspace",
+    "per_map",
+    "regularizer_losses",
+    "variance",
 ]

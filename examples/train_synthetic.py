@@ -261,7 +261,9 @@ def plot_predictions(methods, images, target, path):
     rows = [min(RESOLUTIONS), max(RESOLUTIONS)]
     fig, axes = plt.subplots(len(rows), show, figsize=(3 * show, 3.2 * len(rows)))
     markers = {"dsnt": ("x", "tab:red"), "heatmap": ("+", "tab:cyan"), "fc": ("1", "tab:orange")}
-    to_px = lambda c: dsnt_cuda.normalized_to_pixel_coordinates(c, (IMAGE, IMAGE))
+    def to_px(c):
+        return dsnt_cuda.normalized_to_pixel_coordinates(c, (IMAGE, IMAGE))
+
     for row, resolution in enumerate(rows):
         preds = {name: to_px(methods[name, resolution].predict(images[:show])) for name in METHODS}
         gt = to_px(target[:show])

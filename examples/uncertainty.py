@@ -90,11 +90,13 @@ def part2(steps=100):
     spread = variance.sum(-1).sqrt()[:, 0]  # radial standard deviation in pixels
     error = (coords - dsnt_cuda.normalized_to_pixel_coordinates(target, (SIZE, SIZE))).norm(dim=-1)[:, 0]
     print(
-        f"  visible disks: error {error[visible].mean():.2f} px, predicted spread {spread[visible].mean():.2f} px"
+        f"  visible disks: error {error[visible].mean():.2f} px, "
+        f"predicted spread {spread[visible].mean():.2f} px"
         f" (median {spread[visible].median():.2f})"
     )
     print(
-        f"  missing disks: predicted spread {spread[~visible].mean():.2f} px (median {spread[~visible].median():.2f})"
+        f"  missing disks: predicted spread {spread[~visible].mean():.2f} px "
+        f"(median {spread[~visible].median():.2f})"
     )
     threshold = 0.5 * (spread[visible].median() + spread[~visible].median())
     flagged = spread > threshold

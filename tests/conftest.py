@@ -1,6 +1,7 @@
 """Fixtures over the backends this process runs (tests/support.py finds them at run time)."""
 
 import pytest
+
 from support import BACKEND_CASES, CPU_BACKENDS
 
 

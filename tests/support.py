@@ -109,7 +109,9 @@ def make_case(shape, normalization="softmax", reg="js", *, dtype=torch.float32, 
         mass = 0.7 + 0.6 * torch.rand((batch, keypoints) + (1,) * n, generator=g, dtype=torch.float64)
         z = torch.softmax(z.flatten(2), -1).view(shape) * mass
     target = (torch.rand(batch, keypoints, n, generator=g, dtype=torch.float64) * 2 - 1) * target_spread
-    weights = (torch.rand(batch, keypoints, generator=g, dtype=torch.float64) > 0.3).double() if mask else None
+    weights = None
+    if mask:
+        weights = (torch.rand(batch, keypoints, generator=g, dtype=torch.float64) > 0.3).double()
     grads = {
         "grad_coords": torch.randn(batch, keypoints, n, generator=g, dtype=torch.float64),
         "grad_variance": torch.randn(batch, keypoints, n, generator=g, dtype=torch.float64) * 0.01,
@@ -166,7 +168,9 @@ def reference_backward(case: OpCase, dtype=torch.float64):
         if up is not None and out.numel() > 0:
             total = total + (out.double() * up.to(out.device)).sum()
     inputs = [t for t in (logits, target, beta_map) if t is not None]
-    grads = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
+    grads = [None] * len(inputs)
+    if total.requires_grad:
+        grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = dict(zip([id(t) for t in inputs], grads))
 
     def grad_of(t, like):
@@ -213,8 +217,9 @@ def assert_close(actual, exact, baseline, what: str, baseline_scale: float = 1.0
     `baseline_scale` (FLOAT64_BUDGET_SCALE: see there)."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     a, e = actual.detach().cpu(), exact.detach().cpu()
-    assert torch.equal(a.double().isnan(), e.double().isnan()), f"{what}: NaN pattern differs from the reference"
-    assert torch.equal(a.double().isinf(), e.double().isinf()), f"{what}: inf pattern differs from the reference"
+    for pattern in (torch.isnan, torch.isinf):
+        assert torch.equal(pattern(a.double()), pattern(e.double())), (
+            f"{what}: {pattern.__name__[2:]} pattern differs from the reference")
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
     allowed = floor + (2 * baseline_scale * max_error(baseline, exact) if baseline is not None else 0.0)
     err = max_error(a, e)
@@ -308,7 +313,9 @@ def values_and_grads(fn, *inputs, seed=7):
     weighted = [(o.double() * torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
                 for o in outputs if o.requires_grad]
     wanted = [t for t in leaves if _floating(t)]
-    grads = torch.autograd.grad(sum(weighted), wanted, allow_unused=True) if weighted else [None] * len(wanted)
+    grads = [None] * len(wanted)
+    if weighted:
+        grads = torch.autograd.grad(sum(weighted), wanted, allow_unused=True)
     by_leaf = {id(t): (torch.zeros_like(t) if d is None else d) for t, d in zip(wanted, grads, strict=True)}
     return tuple(o.detach() for o in outputs), tuple(by_leaf.get(id(t)) for t in leaves)
 

@@ -10,11 +10,12 @@ error in that dtype, plus a little).
 
 import pytest
 import torch
-from support import CPU_BACKENDS
 from torch import nn
 
 import dsnt_cuda
 from dsnt_cuda import DSNT, DSNTLoss
+
+from support import CPU_BACKENDS
 
 
 class Net(nn.Module):

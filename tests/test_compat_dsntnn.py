@@ -6,16 +6,28 @@ import zlib
 import dsntnn
 import pytest
 import torch
-from support import FLOAT64_BUDGET_SCALE, assert_close, random_heatmaps, random_logits, random_targets, values_and_grads
 
 import dsnt_cuda
 
-SHAPES = [(2, 3, 7), (2, 3, 5, 7), (1, 2, 4, 3, 5), (2, 2, 1, 6), (2, 1, 1, 1), (3, 2, 16, 16), (1, 1, 2, 1, 3)]
+from support import (
+    FLOAT64_BUDGET_SCALE,
+    assert_close,
+    random_heatmaps,
+    random_logits,
+    random_targets,
+    values_and_grads,
+)
+
+SHAPES = [(2, 3, 7), (2, 3, 5, 7), (1, 2, 4, 3, 5), (2, 2, 1, 6), (2, 1, 1, 1), (3, 2, 16, 16),
+          (1, 1, 2, 1, 3)]
 
 
 def heatmaps_and_means(shape, summing, seed):
     """float64 heatmaps (summing to 1, or not: dsntnn accepts both) and target means."""
-    heatmaps = dsntnn.flat_softmax(random_logits(shape, seed=seed)) if summing else random_heatmaps(shape, seed=seed)
+    if summing:
+        heatmaps = dsntnn.flat_softmax(random_logits(shape, seed=seed))
+    else:
+        heatmaps = random_heatmaps(shape, seed=seed)
     return heatmaps, random_targets(shape[0], shape[1], len(shape) - 2, seed=seed + 100)
 
 
@@ -88,7 +100,7 @@ def test_elementwise_helpers_match_dsntnn():
         assert_same(getattr(dsnt_cuda, name)(a, b), getattr(dsntnn, name)(a, b), name)
     losses = dsnt_cuda.euclidean_losses(a, b)
     assert_same(dsnt_cuda.average_loss(losses), dsntnn.average_loss(losses), "average_loss")
-    assert_same(dsnt_cuda.average_loss(losses, mask), dsntnn.average_loss(losses, mask), "masked average_loss")
+    assert_same(dsnt_cuda.average_loss(losses, mask), dsntnn.average_loss(losses, mask), "masked average")
     assert dsnt_cuda.average_loss(losses, torch.zeros_like(mask)).item() == 0.0  # no 0/0
 
 
@@ -102,15 +114,17 @@ def test_normalized_linspace_matches_dsntnn(length):
 def test_make_gauss_matches_dsntnn_with_gradients(size):
     mu = random_targets(2, 3, len(size), seed=9)
     for normalize in (True, False):
-        assert_matches_dsntnn(lambda m, normalize=normalize: dsnt_cuda.make_gauss(m, size, 1.3, normalize=normalize),
-                              lambda m, normalize=normalize: dsntnn.make_gauss(m, size, 1.3, normalize=normalize),
-                              (mu,), torch.float64, f"make_gauss normalize={normalize}")
+        ours, theirs = (
+            lambda m, lib=lib, normalize=normalize: lib.make_gauss(m, size, 1.3, normalize=normalize)
+            for lib in (dsnt_cuda, dsntnn))
+        assert_matches_dsntnn(ours, theirs, (mu,), torch.float64, f"make_gauss normalize={normalize}")
 
 
 def test_linear_expectation_and_soft_argmax_match_dsntnn():
     h = dsntnn.flat_softmax(random_logits((2, 3, 4, 6), seed=10))
-    values = [torch.linspace(-3, 2, 4, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64) ** 2]
-    assert_same(dsnt_cuda.linear_expectation(h, values), dsntnn.linear_expectation(h, values), "linear_expectation")
+    values = [torch.linspace(-3, 2, 4, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64)]
+    values[1] = values[1] ** 2
+    assert_same(dsnt_cuda.linear_expectation(h, values), dsntnn.linear_expectation(h, values), "expectation")
     assert_same(dsnt_cuda.soft_argmax(h), dsntnn.soft_argmax(h), "soft_argmax")
 
 

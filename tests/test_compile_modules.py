@@ -6,11 +6,12 @@ one with a learnable beta per keypoint."""
 
 import pytest
 import torch
-from support import CPU_BACKENDS
 from torch import nn
 
 import dsnt_cuda
 from dsnt_cuda import DSNT, DSNTLoss
+
+from support import CPU_BACKENDS
 
 CUDA_BACKENDS = (
     [b for b in ("cuda", "triton") if b in dsnt_cuda.available_backends("cuda")]

@@ -15,11 +15,12 @@ kornia facts checked here (kornia 0.9), each asserted only where the definitions
 import kornia
 import pytest
 import torch
-from support import CPU_BACKENDS, random_logits, random_targets
 
 import dsnt_cuda
 from dsnt_cuda import conventions
 from dsnt_cuda.conventions import CONVENTIONS, convert_coordinates, convert_variance, coordinate_grid
+
+from support import CPU_BACKENDS, random_logits, random_targets
 
 SIZES = [(1,), (2,), (7,), (16,)]
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from support import CPU_BACKENDS
 from torch import nn
 
 from dsnt_cuda import DSNTLoss
+
+from support import CPU_BACKENDS
 
 WORLD = 2
 STEPS = 3

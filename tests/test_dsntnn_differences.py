@@ -5,9 +5,10 @@ import dsntnn
 import numpy as np
 import pytest
 import torch
-from support import random_logits, random_targets
 
 import dsnt_cuda
+
+from support import random_logits, random_targets
 
 
 def test_normalized_linspace_docstring_example():
@@ -36,9 +37,8 @@ def test_readme_training_example_runs_and_learns(cpu_backend):
         for _ in range(60):
             heatmaps = dsnt_cuda.flat_softmax(model(image))
             coords = dsnt_cuda.dsnt(heatmaps)
-            loss = dsnt_cuda.average_loss(
-                dsnt_cuda.euclidean_losses(coords, target) + dsnt_cuda.js_reg_losses(heatmaps, target, sigma_t=1.0)
-            )
+            per_point = dsnt_cuda.euclidean_losses(coords, target)
+            loss = dsnt_cuda.average_loss(per_point + dsnt_cuda.js_reg_losses(heatmaps, target, sigma_t=1.0))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -24,10 +24,11 @@ import math
 
 import pytest
 import torch
-from support import peaked_logits, random_targets, values_and_grads
 
 from dsnt_cuda import reference
 from dsnt_cuda.backends import dsnt_forward
+
+from support import peaked_logits, random_targets, values_and_grads
 
 NORMALIZATIONS = reference.NORMALIZATIONS
 
@@ -173,7 +174,7 @@ def test_huge_logits_with_beta_not_one(backend_device, shape, big, per_map_beta)
     target = random_targets(1, 2, 2, dtype=torch.float32)
     beta = torch.tensor([1.3, 0.7], device=device) if per_map_beta else 1.3
     outputs, grad = outputs_and_logits_grad(backend, device, z, target, "softmax", "js", beta=beta)
-    expected = reference_outputs(z, target, "softmax", "js", beta=beta.cpu().double() if per_map_beta else beta)
+    expected = reference_outputs(z, target, "softmax", "js", beta=beta.cpu() if per_map_beta else beta)
     for name, o, e in zip(("coords", "variance", "reg_losses"), outputs, expected, strict=True):
         assert o.isfinite().all(), f"{name} not finite ({backend}, {big})"
         assert torch.allclose(o, e, rtol=1e-4, atol=1e-5), f"{name} ({backend}, {big}): {o} vs {e}"
@@ -220,7 +221,8 @@ def test_empty_batch_or_keypoints(backend_device, shape):
     z = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     target = torch.zeros(*shape[:2], len(shape) - 2, dtype=torch.float64, device=device)
     coords, variance, reg_losses, coord_losses, loss = forward(backend, z, target, reg="js", coord_loss="l1")
-    assert coords.shape == variance.shape == target.shape and reg_losses.shape == coord_losses.shape == shape[:2]
+    assert coords.shape == variance.shape == target.shape
+    assert reg_losses.shape == coord_losses.shape == shape[:2]
     assert loss.item() == 0.0
     (grad,) = torch.autograd.grad(loss + coords.sum(), z)
     assert grad.shape == shape

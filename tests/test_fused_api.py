@@ -5,10 +5,11 @@ of the backend's forward op."""
 import dsntnn
 import pytest
 import torch
-from support import assert_close, make_case, random_logits, random_targets, values_and_grads
 
 import dsnt_cuda
 from dsnt_cuda import backends, reference
+
+from support import assert_close, make_case, random_logits, random_targets, values_and_grads
 
 
 def dsntnn_standard_loss(logits, target, mask=None):
@@ -29,8 +30,11 @@ def test_dsnt_loss_defaults_equal_dsntnn_recipe(backend_device, shape, masked):
     backend, device = backend_device
     logits = random_logits(shape, seed=1, device=device)
     target = random_targets(shape[0], shape[1], len(shape) - 2, seed=2, device=device)
-    mask = (torch.arange(shape[0] * shape[1], device=device).view(shape[:2]) % 3 != 0).double() if masked else None
-    ours = values_and_grads(lambda z, t: dsnt_cuda.dsnt_loss(z, t, mask=mask, backend=backend).loss, logits, target)
+    mask = None
+    if masked:
+        mask = (torch.arange(shape[0] * shape[1], device=device).view(shape[:2]) % 3 != 0).double()
+    ours = values_and_grads(lambda z, t: dsnt_cuda.dsnt_loss(z, t, mask=mask, backend=backend).loss,
+                            logits, target)
     theirs = values_and_grads(lambda z, t: dsntnn_standard_loss(z, t, mask), logits, target)
     assert_all_close(ours[0] + ours[1], theirs[0] + theirs[1], "loss, d/dlogits, d/dtarget")
 
@@ -192,7 +196,7 @@ def test_unavailable_backend_raises_a_clear_error():
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
             dsnt_cuda.fused_dsnt(logits, backend="cuda")
     if not backends.triton_interpreter_enabled():
-        with pytest.raises(RuntimeError, match="backend 'triton' is not available: .*CUDA tensors"):
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available: .*CUDA tensors"):
             dsnt_cuda.fused_dsnt(logits, backend="triton")
     if "cpu" not in dsnt_cuda.available_backends("cpu"):
         with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):

@@ -7,11 +7,12 @@ import pickle
 import dsntnn
 import pytest
 import torch
-from support import CPU_BACKENDS, random_logits, random_targets
 from torch import nn
 
 import dsnt_cuda
 from dsnt_cuda import DSNT, DSNTLoss, DSNTLossResult, reference
+
+from support import CPU_BACKENDS, random_logits, random_targets
 
 SHAPES = [(2, 3, 10), (2, 3, 7, 9), (1, 2, 3, 4, 5)]
 
@@ -161,7 +162,8 @@ def test_reprs():
         repr(
             DSNT(normalization="relu", coordinates="align_corners", return_variance=True, backend="reference")
         )
-        == "DSNT(normalization='relu', coordinates='align_corners', return_variance=True, backend='reference')"
+        == "DSNT(normalization='relu', coordinates='align_corners', return_variance=True, "
+        "backend='reference')"
     )
     assert repr(DSNTLoss()) == (
         "DSNTLoss(coord_loss='euclidean', reg='js', sigma_t=1, reg_weight=1, normalization='softmax', beta=1)"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import CPU_BACKENDS, assert_close, make_case, reference_backward, reference_forward
 
 import dsnt_cuda
 from dsnt_cuda import reference
+
+from support import CPU_BACKENDS, assert_close, make_case, reference_backward, reference_forward
 
 FUSED = [b for b in CPU_BACKENDS if b != "reference"]
 KINDS = ("float", "scalar", "keypoint", "map")
@@ -21,7 +22,8 @@ KINDS = ("float", "scalar", "keypoint", "map")
 @st.composite
 def cases(draw):
     dims = draw(st.integers(1, 3))
-    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), *[draw(st.integers(1, 9)) for _ in range(dims)])
+    sizes = [draw(st.integers(1, 9)) for _ in range(dims)]
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), *sizes)
     normalization = draw(st.sampled_from([n for n in reference.NORMALIZATIONS if n != "none"]))
     return make_case(
         shape, normalization, draw(st.sampled_from(reference.REGULARIZERS)), dtype=torch.float64,
@@ -58,5 +60,6 @@ def test_dsnt_loss_matches_reference_on_random_problems(backend, case):
     grads = torch.autograd.grad(weighted, wanted, allow_unused=True)
     # dsnt_loss does not return the variance: no upstream gradient for it
     exact_grads = reference_backward(replace(case, upstream=dict(case.upstream, grad_variance=None)))
-    for name, got, want in zip(("grad_logits", "grad_target", "grad_beta_map"), grads, exact_grads, strict=False):
+    names = ("grad_logits", "grad_target", "grad_beta_map")
+    for name, got, want in zip(names, grads, exact_grads, strict=False):
         assert_close(torch.zeros_like(want) if got is None else got, want, None, name)

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from support import random_heatmaps, random_logits, random_targets
 
 from dsnt_cuda import reference
+
+from support import random_heatmaps, random_logits, random_targets
 
 NORMALIZATIONS = reference.NORMALIZATIONS
 REGULARIZERS = reference.REGULARIZERS
@@ -36,7 +37,10 @@ def test_gradcheck_reference_helpers():
     assert torch.autograd.gradcheck(lambda m: reference.gaussian_heatmaps(m, [4, 5], 1.1), (mu,))
     a = random_targets(2, 3, 2, seed=4).requires_grad_(True)
     for loss in reference.COORD_LOSSES:
-        assert torch.autograd.gradcheck(lambda x, y: reference.coordinate_losses(x, y, loss), (a, mu))
+        def losses(x, y, loss=loss):
+            return reference.coordinate_losses(x, y, loss)
+
+        assert torch.autograd.gradcheck(losses, (a, mu))
 
 
 def test_softmax_with_beta_is_softmax_of_scaled_logits():

@@ -8,10 +8,11 @@ log-parameter. kornia's `spatial_soft_argmax2d(x, temperature=T)` is the outside
 import kornia
 import pytest
 import torch
-from support import assert_close, random_logits, random_targets
 from torch import nn
 
 import dsnt_cuda
+
+from support import assert_close, random_logits, random_targets
 
 BETA_SHAPES = {"scalar": (), "keypoint": (3,), "map": (2, 3), "keypoint_row": (1, 3), "batch_column": (2, 1)}
 
@@ -84,7 +85,8 @@ def test_kornia_parity_with_a_tensor_temperature(backend_device, temperature):
     size = logits.shape[2:]
 
     def theirs(t):
-        return kornia.geometry.subpix.spatial_soft_argmax2d(logits, temperature=t, normalized_coordinates=True)
+        return kornia.geometry.subpix.spatial_soft_argmax2d(logits, temperature=t,
+                                                            normalized_coordinates=True)
 
     def ours(t):
         pixel = dsnt_cuda.fused_dsnt(logits, beta=1 / t, normalized_coordinates=False, backend=backend)
@@ -137,7 +139,8 @@ def test_learnable_beta_module_matches_the_functional_api(cpu_backend):
     logits = random_logits((2, 3, 5, 6), seed=10)
     got = module(logits)
     # log(1.7) rounded to float32 (the parameter's dtype when it was made), then exp in float64
-    torch.testing.assert_close(module.beta.detach(), torch.full((3,), 1.7, dtype=torch.float64), rtol=1e-6, atol=0)
+    expected_beta = torch.full((3,), 1.7, dtype=torch.float64)
+    torch.testing.assert_close(module.beta.detach(), expected_beta, rtol=1e-6, atol=0)
     expected = dsnt_cuda.fused_dsnt(logits, beta=module.beta.detach(), return_variance=True,
                                     backend=cpu_backend)
     for a, e in zip(got, expected, strict=True):
@@ -183,4 +186,5 @@ def test_compat_make_gauss_takes_a_tensor_sigma():
     sigma = torch.tensor([0.8, 1.0, 1.6], dtype=torch.float64)
     maps = dsnt_cuda.make_gauss(means, [6, 7], sigma)
     for k in range(3):
-        assert_close(maps[:, k], dsnt_cuda.make_gauss(means[:, k], [6, 7], sigma[k].item()), None, "make_gauss")
+        expected = dsnt_cuda.make_gauss(means[:, k], [6, 7], sigma[k].item())
+        assert_close(maps[:, k], expected, None, "make_gauss")
