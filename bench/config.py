@@ -1,6 +1,7 @@
 """What the benchmark measures: shapes, dtypes, modes, providers, and the default selections.
 
-The named shapes are those of ../shared/DESIGN.md §4 (plus `tiny` / `tiny3d` for smoke tests).
+The named shapes are the benchmark shapes of docs/performance.md §2 (plus `tiny` / `tiny3d` for
+smoke tests).
 `--shapes` also takes literal sizes such as `8x4x32x32` (B x L x S_1[ x S_2[ x S_3]]).
 """
 
@@ -12,9 +13,9 @@ SHAPES = {
     "wholebody": (64, 133, 64, 48),
     "face": (256, 98, 64, 64),
     "volume3d": (16, 17, 64, 64, 64),
-    # DESIGN.md §4's second CPU reference figure (dsntnn ~45 ms): 3-D, as many logits as pose2d
+    # a CPU benchmark shape of docs/performance.md §2: 3-D, as many logits as pose2d
     "lowres3d": (32, 16, 16, 16, 16),
-    # not in DESIGN.md: for the smoke test and quick checks
+    # not benchmark shapes: for the smoke test and quick checks
     "tiny": (2, 3, 8, 8),
     "tiny3d": (2, 3, 4, 6, 8),
 }

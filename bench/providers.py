@@ -18,7 +18,7 @@ import dsnt_cuda
 from bench import config
 from dsnt_cuda import backends, reference
 
-SIGMA_T = 1.0  # px, the standard loss of DESIGN.md §1.5
+SIGMA_T = 1.0  # px, the standard loss (docs/math.md §5)
 
 
 class Provider:

@@ -91,12 +91,12 @@ def dsnt_loss(
     target: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
+    normalization: str = "softmax",
+    beta: PerMap = 1.0,
     reg: str | None = "js",
     sigma_t: PerMap = 1.0,
     reg_weight: float = 1.0,
     coord_loss: str = "euclidean",
-    normalization: str = "softmax",
-    beta: PerMap = 1.0,
     backend: str | None = None,
 ) -> DSNTLossResult:
     """The DSNT training loss from logits, fused: one forward and one backward op.
@@ -109,13 +109,14 @@ def dsnt_loss(
         target: (B, L, n) target coordinates, normalized units, (x, y, z) order.
         mask: optional (B, L) weights of the keypoints (0 drops a keypoint from the average);
             floating or bool, takes no gradient.
+        normalization, beta: as for `fused_dsnt`.
         reg: "js" (default), "kl", "var" or None.
         sigma_t: standard deviation of the Gaussian target in pixels: a float or a tensor
             broadcastable to (B, L) (e.g. COCO's per-joint sigmas, per-instance widths), finite
             and >= 2^-40 px (2^-400 for float64 logits); no gradient.
         reg_weight: weight of the regularizer.
         coord_loss: "euclidean" (default), "l1" or "mse".
-        normalization, beta, backend: as for `fused_dsnt`.
+        backend: as for `fused_dsnt`.
 
     Returns:
         DSNTLossResult(loss, coords, coord_losses, reg_losses).

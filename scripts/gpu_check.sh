@@ -164,7 +164,7 @@ fi
 
 if want test-cuda; then
   run_step test-cuda "$OUT/junit-test-cuda.xml" \
-    "$PYTHON" -m pytest -q -rfEs tests/test_ops_cuda.py tests/test_hard_maps.py \
+    "$PYTHON" -m pytest -q -rfEs tests/test_ops_cuda.py tests/test_edge_cases.py \
     --junitxml="$OUT/junit-test-cuda.xml"
 fi
 
@@ -206,7 +206,7 @@ fi
 if want test-rest; then
   run_step test-rest "$OUT/junit-test-rest.xml" \
     "$PYTHON" -m pytest -q -rfE tests --ignore=tests/test_ops_cuda.py --ignore=tests/test_triton_gpu.py \
-    --ignore=tests/test_hard_maps.py \
+    --ignore=tests/test_edge_cases.py \
     --ignore=tests/test_triton_interpreter.py --junitxml="$OUT/junit-test-rest.xml"
 fi
 

@@ -4,8 +4,8 @@ The conv emits half-precision logits; coordinates, variances and losses come bac
 fused API accumulates in float32), the gradient w.r.t. the logits in the logits' dtype. Values are
 compared two ways: tightly against the pure-PyTorch reference fed the same half logits (so the
 only difference is our kernels), and loosely against the float32 model, with a tolerance set by
-the half dtype's error on the logits (STYLE.md's rule: at most about twice the reference's own
-error in that dtype, plus a little).
+the half dtype's error on the logits (the rule of tests/support.py: at most about twice the
+reference's own error in that dtype, plus a little).
 """
 
 import pytest

@@ -188,3 +188,21 @@ def test_compat_make_gauss_takes_a_tensor_sigma():
     for k in range(3):
         expected = dsnt_cuda.make_gauss(means[:, k], [6, 7], sigma[k].item())
         assert_close(maps[:, k], expected, None, "make_gauss")
+
+
+def test_readme_learnable_temperature_example():
+    """The README's example, with a tiny conv head: per-joint widths and a learnable beta per
+    joint, trained by the model's optimizer."""
+    torch.manual_seed(0)
+    coco_sigmas = torch.tensor([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
+                                1.07, 1.07, .87, .87, .89, .89])
+    joint_widths = coco_sigmas / coco_sigmas.min()
+    head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 17, 1))
+    criterion = dsnt_cuda.DSNTLoss(learnable_beta=True, num_keypoints=17, sigma_t=joint_widths)
+    optimizer = torch.optim.Adam([*head.parameters(), *criterion.parameters()], lr=1e-2)
+    images, target = torch.randn(2, 3, 12, 12), random_targets(2, 17, 2, dtype=torch.float32)
+    loss = criterion(head(images), target).loss
+    loss.backward()
+    optimizer.step()
+    assert criterion.beta.shape == (17,) and (criterion.beta > 0).all()
+    assert not torch.equal(criterion.beta.detach(), torch.ones(17))

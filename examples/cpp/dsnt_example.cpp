@@ -1,5 +1,5 @@
 // Coordinates and the JS regularizer of a batch of heatmap logits from C++, through the
-// dispatcher (the op's schema is csrc/OPS.md). Exits non-zero if the result is not what the
+// dispatcher (the op's schema is docs/ops.md). Exits non-zero if the result is not what the
 // logits say: a peak at pixel (x, y) = (5, 2) of a 8 x 10 map.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
