@@ -141,11 +141,5 @@ def _register_cpp_ops() -> bool:
 
 _register_cpp_ops()
 
-__all__ = [
-    "FWD_ARGS",
-    "STATS_BASE",
-    "accumulation_dtype",
-    "dsnt_bwd_fake",
-    "dsnt_fwd_fake",
-    "register_op_pair",
-]
+__all__ = ["FWD_ARGS", "STATS_BASE", "accumulation_dtype", "dsnt_fwd_fake", "dsnt_bwd_fake",
+           "register_op_pair"]

@@ -266,9 +266,8 @@ def coordinate_losses(actual, target, coord_loss: str) -> torch.Tensor:
 
 def average_loss(losses: torch.Tensor, mask=None) -> torch.Tensor:
     """sum(losses * mask) / max(sum(mask), 1); the plain mean when mask is None."""
-    if mask is None:  # the count as a tensor op, so that a traced graph keeps it symbolic
-        count = torch.ones_like(losses, dtype=accumulation_dtype(losses.dtype)).sum().clamp(min=1)
-        return (losses.sum() / count).to(losses.dtype)
+    if mask is None:
+        return losses.sum() / max(losses.numel(), 1)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -315,30 +314,9 @@ def dsnt_loss(logits, target, mask=None, reg="js", sigma_t=1.0, reg_weight=1.0,
 
 
 __all__ = [
-    "COORD_LOSSES",
-    "EPS",
-    "NORMALIZATIONS",
-    "REGULARIZERS",
-    "accumulation_dtype",
-    "average_loss",
-    "axis_grid",
-    "centred_pixel_grid",
-    "coordinate_losses",
-    "coordinates",
-    "divide_by_sum",
-    "dsnt_core",
-    "dsnt_fwd",
-    "dsnt_loss",
-    "euclidean_losses",
-    "gaussian_heatmaps",
-    "js_divergence",
-    "kl_divergence",
-    "l1_losses",
-    "marginals",
-    "mse_losses",
-    "normalize",
-    "normalized_linspace",
-    "per_map",
-    "regularizer_losses",
-    "variance",
+    "NORMALIZATIONS", "REGULARIZERS", "COORD_LOSSES", "EPS", "accumulation_dtype",
+    "normalized_linspace", "axis_grid", "divide_by_sum", "centred_pixel_grid", "normalize", "marginals",
+    "coordinates", "variance", "gaussian_heatmaps", "kl_divergence", "js_divergence",
+    "regularizer_losses", "euclidean_losses", "l1_losses", "mse_losses", "coordinate_losses",
+    "average_loss", "dsnt_core", "dsnt_fwd", "dsnt_loss", "per_map",
 ]

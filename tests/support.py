@@ -211,24 +211,18 @@ def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 FLOOR_ULPS = 64
 
 
-def assert_close(actual, exact, baseline, what: str, baseline_scale: float = 1.0):
+def assert_close(actual, exact, baseline, what: str):
     """`actual` against the float64 `exact`, allowed twice `baseline`'s error (the reference in
-    the case's dtype; None: float64 inputs, where the floor alone applies) times
-    `baseline_scale` (FLOAT64_BUDGET_SCALE: see there)."""
+    the case's dtype; None: float64 inputs, where the floor alone applies)."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     a, e = actual.detach().cpu(), exact.detach().cpu()
     for pattern in (torch.isnan, torch.isinf):
         assert torch.equal(pattern(a.double()), pattern(e.double())), (
             f"{what}: {pattern.__name__[2:]} pattern differs from the reference")
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
-    allowed = floor + (2 * baseline_scale * max_error(baseline, exact) if baseline is not None else 0.0)
+    allowed = floor + (2 * max_error(baseline, exact) if baseline is not None else 0.0)
     err = max_error(a, e)
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
-
-
-# When the "exact" result is itself a float64 computation by another formula (dsntnn's), its own
-# rounding error is estimated from its float32 run's error scaled by the ratio of the epsilons.
-FLOAT64_BUDGET_SCALE = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
 
 
 def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
