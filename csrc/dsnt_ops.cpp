@@ -212,6 +212,47 @@ at::Tensor per_map_view(const std::optional<at::Tensor>& t, const MapGeometry& g
   return t->to(acc).expand({g.batch, g.keypoints});
 }
 
+namespace {
+
+// The first (b, l) of a (B, L) view whose value fails `ok`, reported with `what` and `rule`.
+template <typename T, typename Ok>
+void check_view_values(const at::Tensor& view, const char* what, const char* rule, Ok ok) {
+  const at::Tensor host = view.is_cpu() ? view : view.cpu();
+  const T* data = host.const_data_ptr<T>();
+  for (int64_t b = 0; b < host.size(0); ++b) {
+    for (int64_t l = 0; l < host.size(1); ++l) {
+      const double x = static_cast<double>(data[b * host.stride(0) + l * host.stride(1)]);
+      TORCH_CHECK_VALUE(ok(x), "dsnt_cuda: every value of ", what, " must be ", rule, ", got ", x,
+                        " for map (", b, ", ", l, ")");
+    }
+  }
+}
+
+template <typename T>
+void check_per_map_values_as(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc) {
+  if (beta_view.defined()) {
+    const double hi = max_beta(acc);
+    check_view_values<T>(beta_view, "beta_map", "finite, > 0 and representable in the accumulation dtype",
+                         [hi](double x) { return std::isfinite(x) && x > 0 && x <= hi; });
+  }
+  if (sigma_t_view.defined()) {
+    const double lo = min_sigma_t(acc);
+    check_view_values<T>(sigma_t_view, "sigma_t_map",
+                         acc == at::kDouble ? "finite and >= 2^-400 pixels" : "finite and >= 2^-40 pixels",
+                         [lo](double x) { return std::isfinite(x) && x >= lo; });
+  }
+}
+
+}  // namespace
+
+void check_per_map_values(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc) {
+  if (acc == at::kDouble) {
+    check_per_map_values_as<double>(beta_view, sigma_t_view, acc);
+  } else {
+    check_per_map_values_as<float>(beta_view, sigma_t_view, acc);
+  }
+}
+
 at::Tensor reduce_beta_grad(const at::Tensor& per_map_grad, const std::optional<at::Tensor>& beta_map,
                             const at::Tensor& logits) {
   if (!has(beta_map)) return at::empty({0}, logits.options().dtype(accumulation_type(logits)));

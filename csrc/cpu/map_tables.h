@@ -1,0 +1,201 @@
+// Per-axis tables of the CPU kernels (docs/math.md §7.4: everything separable costs O(sum S_k)
+// per map, never a per-element index computation), and the per-thread workspace that holds them.
+//
+// A map of N = size[0] size[1] size[2] values is `rows` = size[1] size[2] contiguous rows of
+// `width` = size[0] values (x, the last tensor dim); row r is (z, y) = (r / size[1], r % size[1]).
+// Absent axes have length 1, centred coordinate 0, target factor 1 (log 0) and gradient term 0,
+// so 1-, 2- and 3-D maps share one code path.
+//
+// Included under namespace dsnt_cuda::cpu::DSNT_CPU_NS (kernels.h).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu/vec_arith.h"
+
+namespace dsnt_cuda::cpu::DSNT_CPU_NS {
+
+// Geometry of one call and the centred pixel coordinate of every axis.
+template <typename T>
+struct Axes {
+  int dims = 1;
+  int64_t size[kMaxSpatialDims] = {1, 1, 1};
+  int64_t width = 1, rows = 1, map_size = 1;
+  std::vector<T> u[kMaxSpatialDims];  // u(j) = j - (S-1)/2
+
+  explicit Axes(const MapGeometry& g) : dims(g.dims) {
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      size[k] = k < dims ? g.size[k] : 1;
+      u[k].resize(size[k]);
+      const T c = centred_offset<T>(size[k]);
+      for (int64_t j = 0; j < size[k]; ++j) u[k][j] = T(j) - c;
+    }
+    width = size[0];
+    rows = size[1] * size[2];
+    map_size = width * rows;
+  }
+};
+
+// Calls row_fn(r, y, z) for every row of the map, y and z its indices.
+template <typename T, typename RowFn>
+DSNT_ALWAYS_INLINE void for_each_row(const Axes<T>& ax, RowFn&& row_fn) {
+  int64_t r = 0;
+  for (int64_t z = 0; z < ax.size[2]; ++z)
+    for (int64_t y = 0; y < ax.size[1]; ++y, ++r) row_fn(r, y, z);
+}
+
+// out[z * size[1] + y] = a[y] + b[z] + c over the rows, vectorized along y.
+template <typename T>
+inline void fill_row_sums(const Axes<T>& ax, const T* a, const T* b, T c, T* out) {
+  const int64_t H = ax.size[1];
+  for (int64_t z = 0; z < ax.size[2]; ++z) {
+    const Vec<T> bz(b[z] + c);
+    for_each_vector<T>(H, [&](int64_t y, int64_t n) DSNT_INLINE_LAMBDA {
+      (load_part(a + y, n, T(0)) + bz).store(out + z * H + y, n);
+    });
+  }
+}
+
+// The Gaussian target of one map (docs/math.md §4) as per-axis tables in log2 units:
+//   log2 q_i = target_log2_x(x) + row_target_log2(r)      (floored by the caller)
+//   q_i      = target_factor_x(x) * row_target_factor(r)
+// with target_factor = 2^(target_log2 - off), scaled to a largest of 1 per axis, and the scale
+// 2^(sum off - log2_norm) folded into the row factor.
+template <typename T>
+struct TargetTables {
+  std::vector<T> target_log2[kMaxSpatialDims];
+  std::vector<T> target_factor[kMaxSpatialDims];
+  std::vector<T> row_target_log2, row_target_factor;
+  T target_centre[kMaxSpatialDims] = {0, 0, 0};
+  TargetNorm<T> norm{};
+
+  void build(const Axes<T>& ax, const T* mu, T sigma_t) {
+    TargetAxisSums<T> sums[kMaxSpatialDims];
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      target_log2[k].resize(ax.size[k]);
+      target_factor[k].resize(ax.size[k]);
+      if (k >= ax.dims) {
+        target_log2[k][0] = T(0);
+        target_factor[k][0] = T(1);
+        continue;
+      }
+      target_centre[k] = dsnt_cuda::target_centre(mu[k], ax.size[k]);
+      sums[k] = axis_sums(ax.u[k].data(), ax.size[k], target_centre[k], target_log2_coef(sigma_t),
+                          target_log2[k].data(), target_factor[k].data());
+    }
+    norm = target_norm(sums, ax.dims);
+    row_target_log2.resize(ax.rows);
+    row_target_factor.resize(ax.rows);
+    fill_row_sums(ax, target_log2[1].data(), target_log2[2].data(), -norm.log2_norm,
+                  row_target_log2.data());
+    const int64_t H = ax.size[1];
+    for (int64_t z = 0; z < ax.size[2]; ++z) {
+      const Vec<T> fz(target_factor[2][z] * norm.scale);
+      const T* fy = target_factor[1].data();
+      for_each_vector<T>(H, [&](int64_t y, int64_t n) DSNT_INLINE_LAMBDA {
+        (load_part(fy + y, n, T(0)) * fz).store(row_target_factor.data() + z * H + y, n);
+      });
+    }
+  }
+
+ private:
+  // One axis: the log2 factors, their largest, the scaled factors and their sums.
+  static TargetAxisSums<T> axis_sums(const T* u, int64_t S, T centre, T coef, T* log2f, T* factor) {
+    constexpr T kInf = std::numeric_limits<T>::infinity();
+    const Vec<T> vc(centre), vcoef(coef);
+    Vec<T> vmax(-kInf);
+    for_each_vector<T>(S, [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
+      const Vec<T> l = target_log2_factor(load_part(u + j, n, T(0)), vc, vcoef);
+      l.store(log2f + j, n);
+      vmax = at::vec::maximum(vmax, Vec<T>::set(Vec<T>(-kInf), l, n));  // NaN propagates
+    });
+    const T off = hmax(vmax);
+    // Every factor 0 (off = -inf): exp2(-inf - 0) = 0, not exp2(NaN).
+    const Vec<T> voff(off == -kInf ? T(0) : off);
+    Vec<T> sum_g(T(0)), sum_gu(T(0));
+    for_each_vector<T>(S, [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
+      const Vec<T> g = zero_tail(Arith<Vec<T>>::exp2(load_part(log2f + j, n, T(0)) - voff), n);
+      g.store(factor + j, n);
+      sum_g = sum_g + g;
+      sum_gu = sum_gu + g * load_part(u + j, n, T(0));
+    });
+    return {off, hsum(sum_g), hsum(sum_gu)};
+  }
+};
+
+// The separable part of dLoss/dp (docs/math.md §6) as per-axis tables: G_i = grad_x(x) +
+// row_grad(r) (+ the divergence term), with row_shift (-sum p G for maps that sum to 1) folded
+// into the row table.
+template <typename T>
+struct AxisGradTables {
+  std::vector<T> axis[kMaxSpatialDims];
+  std::vector<T> row;
+
+  void build(const Axes<T>& ax, const AxisGrad<T>* coefs, T row_shift) {
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      axis[k].resize(ax.size[k]);
+      if (k >= ax.dims) {
+        axis[k][0] = T(0);
+        continue;
+      }
+      const T* u = ax.u[k].data();
+      T* out = axis[k].data();
+      for_each_vector<T>(ax.size[k], [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
+        axis_grad(load_part(u + j, n, T(0)), coefs[k]).store(out + j, n);
+      });
+    }
+    row.resize(ax.rows);
+    fill_row_sums(ax, axis[1].data(), axis[2].data(), row_shift, row.data());
+  }
+};
+
+// t_k(j) = d log q / d mu_k per axis (docs/math.md §6), for the target-mean gradient.
+template <typename T>
+struct MeanGradTables {
+  std::vector<T> axis[kMaxSpatialDims];
+
+  void build(const Axes<T>& ax, const TargetTables<T>& target, T sigma_t) {
+    for (int k = 0; k < kMaxSpatialDims; ++k) {
+      axis[k].assign(ax.size[k], T(0));
+      if (k >= ax.dims) continue;
+      const T coef = target_mean_grad_coef(sigma_t, ax.size[k]);
+      const T* u = ax.u[k].data();
+      T* out = axis[k].data();
+      for_each_vector<T>(ax.size[k], [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
+        target_mean_grad(load_part(u + j, n, T(0)), target.target_centre[k], target.norm.ubar_g[k],
+                         target.norm.one_minus_rho, coef)
+            .store(out + j, n);
+      });
+    }
+  }
+};
+
+// Scratch of one thread: sized once per call, reused for every map of its chunk.
+template <typename T>
+struct Workspace {
+  Axes<T> axes;
+  std::vector<T> logits;  // the map widened to T (float16 / bfloat16 logits)
+  std::vector<T> weight;  // forward: the unnormalized p of every element
+  std::vector<T> grad;    // backward: dLoss/dz in T before narrowing (float16 / bfloat16)
+  std::vector<T> row_vec;  // per row: its vector of partial sums
+  std::vector<T> row_sum;  // per row: its sum
+  std::vector<T> marginal[kMaxSpatialDims];
+  TargetTables<T> target;
+  AxisGradTables<T> grads;
+  MeanGradTables<T> mean_grads;
+
+  // widen: the logits are float16 / bfloat16; forward: scratch of the forward, else backward's.
+  Workspace(const MapGeometry& g, bool widen, bool forward) : axes(g) {
+    if (widen) logits.resize(axes.map_size);
+    if (forward) weight.resize(axes.map_size);
+    if (widen && !forward) grad.resize(axes.map_size);
+    row_vec.resize(axes.rows * kLanes<T>);
+    row_sum.resize(axes.rows);
+    for (int k = 0; k < kMaxSpatialDims; ++k) marginal[k].resize(axes.size[k]);
+  }
+};
+
+}  // namespace dsnt_cuda::cpu::DSNT_CPU_NS
