@@ -8,7 +8,6 @@
 // Included under namespace dsnt_cuda::cpu::DSNT_CPU_NS (kernels.h).
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -101,20 +100,80 @@ inline void backward_pass(const T* z, const Prob& prob, const Workspace<T>& ws, 
   });
 }
 
-// The per-axis coefficients of G: axis_grad_coefs, with ubar (and the mass) left out where
-// nu = 0, so that a NaN map's ubar does not reach a gradient that does not depend on it.
+// R_k = sum_i p_i (u_k - ubar_k) for every axis, from one pass over the map: the variance's
+// path through ubar (docs/math.md §6: -2 u ubar (1 - P) per element, i.e. -2 u R_k with
+// R_k = ubar_k (1 - P) when ubar_k is exact). ubar_k in stats is rounded to T: on a long axis
+// (|u| ~ 4000) by up to 1e-4 px, and the variance's gradient then carries 2 (u - ubar) times
+// that rounding, as much as the gradient's own size on a sharp map; the exact residual R_k of
+// the rounded ubar_k cancels it to second order, as autograd's chain through the mean does.
+template <typename T, typename Prob>
+inline void mean_residuals(const T* z, const Prob& prob, Workspace<T>& ws, const T* ubar, T* residual) {
+  const Axes<T>& ax = ws.axes;
+  for (int k = 0; k < ax.dims; ++k) {
+    const T* u = ax.u[k].data();
+    T* out = ws.centred[k].data();
+    const Vec<T> vubar(ubar[k]);
+    for_each_vector<T>(ax.size[k], [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
+      (load_part(u + j, n, T(0)) - vubar).store(out + j, n);
+    });
+  }
+  const T* cx = ws.centred[0].data();
+  const int64_t W = ax.width;
+  Vec<T> acc[kMaxSpatialDims] = {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
+  for_each_row(ax, [&](int64_t r, int64_t y, int64_t zi) DSNT_INLINE_LAMBDA {
+    const T* zr = z + r * W;
+    Vec<T> row(T(0));
+    for_each_vector<T>(W, [&](int64_t x, int64_t n) DSNT_INLINE_LAMBDA {
+      const Vec<T> p = zero_tail(prob.prob(load_part(zr + x, n, T(0))), n);
+      acc[0] = acc[0] + p * load_part(cx + x, n, T(0));
+      row = row + p;
+    });
+    acc[1] = acc[1] + Vec<T>(ws.centred[1][y]) * row;
+    acc[2] = acc[2] + Vec<T>(ws.centred[2][zi]) * row;
+  });
+  for (int k = 0; k < ax.dims; ++k) residual[k] = hsum(acc[k]);
+}
+
+// Whether R_k needs its own pass: the variance has an upstream gradient and either the map is
+// "none" (P != 1: R_k is its whole cross term) or |ubar_k| > 8 sqrt(var_k) (the rounding of
+// ubar_k is more than ~8 ulps of the variance's gradient).
+template <typename T>
+inline bool needs_mean_residuals(const MapUpstream<T>& up, const MapNormalizer<T>& nm, const T* stats,
+                                 const T* variance, int dims) {
+  if (nm.uniform) return false;  // its logits gradient is 0
+  for (int k = 0; k < dims; ++k) {
+    if (up.nu[k] == T(0)) continue;
+    const T ubar = stats[kStatMean + k];
+    if (nm.mode == Normalization::None || ubar * ubar > T(64) * variance[k]) return true;
+  }
+  return false;
+}
+
+// The per-axis coefficients of G (axis_grad_coefs, the cross term from R_k when `residual` is
+// given), and sum p G into the row table. ubar and the mass are left out where nu = 0, so that a
+// NaN map's ubar does not reach a gradient that does not depend on it.
 template <typename T>
 inline void gradient_tables(const MapUpstream<T>& up, const MapNormalizer<T>& nm, const T* stats,
-                            const T* coords, const T* variance, T omega_div_grad, bool normalized,
-                            Workspace<T>& ws) {
+                            const T* coords, const T* variance, const T* residual, T omega_div_grad,
+                            bool normalized, Workspace<T>& ws) {
   const Axes<T>& ax = ws.axes;
   AxisGrad<T> coefs[kMaxSpatialDims];
   T sum_pg = omega_div_grad;
   for (int k = 0; k < ax.dims; ++k) {
-    const bool with_nu = up.nu[k] != T(0);
-    coefs[k] = axis_grad_coefs(up.gamma[k], up.nu[k], with_nu ? stats[kStatMean + k] : T(0),
-                               with_nu ? nm.mass : T(1), grid_affine<T>(ax.size[k], normalized));
-    sum_pg += up.gamma[k] * coords[k] + (with_nu ? up.nu[k] * variance[k] : T(0));
+    const T nu = up.nu[k];
+    const bool with_nu = nu != T(0);
+    const T ubar = with_nu ? stats[kStatMean + k] : T(0);
+    coefs[k] = axis_grad_coefs(up.gamma[k], nu, ubar, with_nu ? nm.mass : T(1),
+                               grid_affine<T>(ax.size[k], normalized));
+    sum_pg += up.gamma[k] * coords[k];
+    if (!with_nu) continue;
+    if (residual != nullptr) {
+      // sum p G_var = nu [var - 2 R sum p u], sum p u = ubar P + R
+      coefs[k].cross = T(-2) * nu * residual[k];
+      sum_pg += nu * (variance[k] - T(2) * residual[k] * (ubar * nm.mass + residual[k]));
+    } else {
+      sum_pg += nu * variance[k];
+    }
   }
   // maps that sum to 1: dLoss/dz uses G - sum p G; "none" maps use G itself
   ws.grads.build(ax, coefs, nm.mode == Normalization::None ? T(0) : -sum_pg);
@@ -125,8 +184,8 @@ inline void gradient_tables(const MapUpstream<T>& up, const MapNormalizer<T>& nm
 template <typename T>
 inline void write_nan_grads(bool div_target, int dims, int64_t n, const MapGrads<T>& out) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  std::fill(out.grad_logits, out.grad_logits + n, nan);
-  if (div_target) std::fill(out.grad_target, out.grad_target + dims, nan);
+  fill_values(out.grad_logits, n, nan);
+  if (div_target) fill_values(out.grad_target, int64_t{dims}, nan);
   if (out.grad_beta != nullptr) *out.grad_beta = nan;
 }
 
@@ -162,8 +221,16 @@ void backward_map(const T* z, const MapInputs<T>& in, const OpOptions& o, bool r
     return;
   }
   const T div_scale = o.reg == Regularizer::JS ? T(0.5 * kLn2) : T(kLn2);
+  T residual[kMaxSpatialDims] = {0, 0, 0};
+  const bool with_residual = needs_mean_residuals(up, nm, out.stats, out.upstream.variance, dims);
+  if (with_residual) {
+    with_prob(nm, [&](const auto& prob) DSNT_INLINE_LAMBDA {
+      mean_residuals(z, prob, ws, out.stats + kStatMean, residual);
+    });
+  }
   gradient_tables(up, nm, out.stats, out.upstream.coords, out.upstream.variance,
-                  div ? up.omega * out.stats[kStatDivGrad] : T(0), o.normalized, ws);
+                  with_residual ? residual : nullptr, div ? up.omega * out.stats[kStatDivGrad] : T(0),
+                  o.normalized, ws);
   if (div) {
     ws.target.build(ax, in.mu, in.sigma_t);
     if (target_grad) ws.mean_grads.build(ax, ws.target, in.sigma_t);

@@ -31,9 +31,10 @@ struct MapNormalizer {
   int64_t map_size = 1;
   // stats slots (docs/ops.md)
   T shift = 0, denom = 1, mass = 1;
-  // p = (w * pre) * inv; pre = 2^64 when 1 / denom would overflow (a rectified sum below the
-  // reciprocal of the largest float: its weights are as tiny, and scaling them is exact).
-  T pre = 1, inv = 1, log2_denom = 0;
+  // p = (w * pre) * inv, inv = 1 / scaled_denom; pre = 2^64 when 1 / denom would overflow (a
+  // rectified sum below the reciprocal of the largest float: its weights are as tiny, and
+  // scaling them is exact).
+  T pre = 1, scaled_denom = 1, inv = 1, log2_denom = 0;
   bool uniform = false;  // a rectified map with sum 0: p = 1/N, zero logits gradient
 
   // Fills pre, inv, log2_denom and uniform from mode, denom and map_size.
@@ -42,19 +43,22 @@ struct MapNormalizer {
       case Normalization::None:
         return;
       case Normalization::Softmax:
+        scaled_denom = denom;
         inv = T(1) / denom;
         log2_denom = std::log2(denom);
         return;
       default:
         uniform = denom == T(0);
         if (uniform) {
-          inv = T(1) / T(map_size);
-          log2_denom = std::log2(T(map_size));
+          scaled_denom = T(map_size);
+          inv = T(1) / scaled_denom;
+          log2_denom = std::log2(scaled_denom);
           return;
         }
         constexpr T kTiny = T(5.421010862427522e-20);  // 2^-64
         pre = denom < kTiny ? T(18446744073709551616.0) : T(1);
-        inv = T(1) / (denom * pre);
+        scaled_denom = denom * pre;
+        inv = T(1) / scaled_denom;
         log2_denom = std::log2(denom);
     }
   }
