@@ -40,7 +40,7 @@ enum class DivTerm { None, JS, KL };
 // omega_scaled * js_grad_p / kl_grad_p. target_grad: accumulate sum_i w_i t_k(i_k);
 // beta_grad: accumulate sum_i (z_i - shift) dLoss/dz_i (softmax).
 template <DivTerm kDiv, typename T, typename Prob>
-inline void backward_pass(const T* z, const Prob& prob, const Workspace<T>& ws, T omega_scaled,
+inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T omega_scaled,
                           bool target_grad, bool beta_grad, T shift, T* gz, PassSums<T>& sums) {
   const Axes<T>& ax = ws.axes;
   const TargetTables<T>& tt = ws.target;
@@ -107,7 +107,7 @@ inline void backward_pass(const T* z, const Prob& prob, const Workspace<T>& ws, 
 // that rounding, as much as the gradient's own size on a sharp map; the exact residual R_k of
 // the rounded ubar_k cancels it to second order, as autograd's chain through the mean does.
 template <typename T, typename Prob>
-inline void mean_residuals(const T* z, const Prob& prob, Workspace<T>& ws, const T* ubar, T* residual) {
+inline void mean_residuals(const T* z, const Prob prob, Workspace<T>& ws, const T* ubar, T* residual) {
   const Axes<T>& ax = ws.axes;
   for (int k = 0; k < ax.dims; ++k) {
     const T* u = ax.u[k].data();

@@ -161,7 +161,7 @@ inline Moments<T> axis_moments(const T* m, const T* u, int64_t S, T pre, T scale
 
 // Pass 4: sums of add_js_terms (kJS) or add_kl_terms over the map, log2 units.
 template <bool kJS, typename T, typename Prob>
-inline void divergence_sums(const T* z, const T* weights, const Prob& prob, const Workspace<T>& ws,
+inline void divergence_sums(const T* z, const T* weights, const Prob prob, const Workspace<T>& ws,
                             T& value_sum, T& p_part_sum) {
   const Axes<T>& ax = ws.axes;
   const TargetTables<T>& tt = ws.target;

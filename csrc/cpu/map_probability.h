@@ -100,10 +100,11 @@ struct RectifiedProb {
     l2p = log2_prob(z, r);
   }
   // r'(z) g / denom, as ((g pre) inv) so that only a result that is itself out of range overflows.
-  // relu selects rather than multiplies: torch's relu gradient is 0 at z <= 0 even for a NaN g.
+  // relu selects rather than multiplies, as torch's threshold_backward: 0 where z <= 0 even for
+  // a NaN g, g itself elsewhere (a NaN z included).
   Vec<T> grad_logit(const Vec<T>& z, const Vec<T>&, const Vec<T>& g) const {
     const Vec<T> scaled = (g * Vec<T>(pre)) * Vec<T>(inv);
-    if (mode == Normalization::Relu) return Vec<T>::blendv(Vec<T>(T(0)), scaled, z > Vec<T>(T(0)));
+    if (mode == Normalization::Relu) return Vec<T>::blendv(scaled, Vec<T>(T(0)), z <= Vec<T>(T(0)));
     return rectify_grad(z, mode) * scaled;
   }
 };
@@ -139,7 +140,8 @@ struct HeatmapProb {
   Vec<T> grad_logit(const Vec<T>&, const Vec<T>&, const Vec<T>& g) const { return g; }
 };
 
-// Calls fn(policy) with the map's policy.
+// Calls fn(policy) with the map's policy. The element loops take it by value: a local copy
+// cannot be aliased by their stores, so its fields stay in registers.
 template <typename T, typename Fn>
 DSNT_ALWAYS_INLINE void with_prob(const MapNormalizer<T>& nm, Fn&& fn) {
   switch (nm.mode) {

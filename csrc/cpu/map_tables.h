@@ -97,17 +97,17 @@ inline void fill_row_sums(const Axes<T>& ax, const T* a, const T* b, T c, T* out
 //   log2 q_i = target_log2_x(x) + row_target_log2(r)      (floored by the caller)
 //   q_i      = target_factor_x(x) * row_target_factor(r)
 // with target_factor = 2^(target_log2 - off), scaled to a largest of 1 per axis, and the scale
-// 2^(sum off - log2_norm) folded into the row factor. The per-axis sums and the normalizer are
-// formed in double: the target-mean gradient subtracts the factor's own mean ubar_g from u, and
-// on a long axis (|u| ~ 4000) a float ubar_g would be off by far more than that difference's
-// ulp (O(S_k) work per map).
+// 2^(sum off - log2_norm) folded into the row factor. The per-axis sums are formed in double,
+// and so is the factor's own mean ubar_g: the target-mean gradient subtracts it from u, and on a
+// long axis (|u| ~ 4000) a float ubar_g is off by far more than that difference's ulp.
 template <typename T>
 struct TargetTables {
   Buffer<T> target_log2[kMaxSpatialDims];
   Buffer<T> target_factor[kMaxSpatialDims];
   Buffer<T> row_target_log2, row_target_factor;
   double target_centre[kMaxSpatialDims] = {0, 0, 0};
-  TargetNorm<double> norm{};
+  double ubar_g[kMaxSpatialDims] = {0, 0, 0};
+  TargetNorm<T> norm{};
 
   void allocate(const Axes<T>& ax) {
     for (int k = 0; k < kMaxSpatialDims; ++k) {
@@ -123,18 +123,25 @@ struct TargetTables {
   }
 
   void build(const Axes<T>& ax, const T* mu, T sigma_t) {
-    TargetAxisSums<double> sums[kMaxSpatialDims];
+    TargetAxisSums<T> sums[kMaxSpatialDims];
+    bool empty = false;
     for (int k = 0; k < ax.dims; ++k) {
       const T centre = dsnt_cuda::target_centre(mu[k], ax.size[k]);
       target_centre[k] = centre;
-      sums[k] = axis_sums(ax.u[k].data(), ax.size[k], centre, target_log2_coef(sigma_t),
-                          target_log2[k].data(), target_factor[k].data());
+      double sum_g = 0, sum_gu = 0;
+      const T off = axis_factors(ax.u[k].data(), ax.size[k], centre, target_log2_coef(sigma_t),
+                                 target_log2[k].data(), target_factor[k].data(), sum_g, sum_gu);
+      sums[k] = {off, static_cast<T>(sum_g), static_cast<T>(sum_gu)};
+      ubar_g[k] = sum_gu / sum_g;
+      empty = empty || off == -std::numeric_limits<T>::infinity();
     }
     norm = target_norm(sums, ax.dims);
-    fill_row_sums(ax, target_log2[1].data(), target_log2[2].data(), static_cast<T>(-norm.log2_norm),
-                  row_target_log2.data());
+    if (empty) {
+      for (int k = 0; k < ax.dims; ++k) ubar_g[k] = 0;  // as target_norm: q = 0 everywhere
+    }
+    fill_row_sums(ax, target_log2[1].data(), target_log2[2].data(), -norm.log2_norm, row_target_log2.data());
     const int64_t H = ax.size[1];
-    const T scale = static_cast<T>(norm.scale);
+    const T scale = norm.scale;
     for (int64_t z = 0; z < ax.size[2]; ++z) {
       const Vec<T> fz(target_factor[2][z] * scale);
       const T* fy = target_factor[1].data();
@@ -145,8 +152,10 @@ struct TargetTables {
   }
 
  private:
-  // One axis: the log2 factors, their largest, the scaled factors and their sums.
-  static TargetAxisSums<double> axis_sums(const T* u, int64_t S, T centre, T coef, T* log2f, T* factor) {
+  // One axis: the log2 factors, the scaled factors and their sums; returns off = the largest
+  // log2 factor.
+  static T axis_factors(const T* u, int64_t S, T centre, T coef, T* log2f, T* factor, double& sum_g,
+                        double& sum_gu) {
     constexpr T kInf = std::numeric_limits<T>::infinity();
     const Vec<T> vc(centre), vcoef(coef);
     Vec<T> vmax(-kInf);
@@ -161,12 +170,11 @@ struct TargetTables {
     for_each_vector<T>(S, [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
       Arith<Vec<T>>::exp2(load_part(log2f + j, n, T(0)) - voff).store(factor + j, n);
     });
-    double sum_g = 0, sum_gu = 0;
     for (int64_t j = 0; j < S; ++j) {
       sum_g += factor[j];
       sum_gu += static_cast<double>(factor[j]) * u[j];
     }
-    return {off, sum_g, sum_gu};
+    return off;
   }
 };
 
@@ -214,7 +222,7 @@ struct MeanGradTables {
   void build(const Axes<T>& ax, const TargetTables<T>& target, T sigma_t) {
     for (int k = 0; k < ax.dims; ++k) {
       const double coef = target_mean_grad_coef<double>(sigma_t, ax.size[k]);
-      const double centre = target.target_centre[k], ubar_g = target.norm.ubar_g[k];
+      const double centre = target.target_centre[k], ubar_g = target.ubar_g[k];
       const double one_minus_rho = target.norm.one_minus_rho;
       for (int64_t j = 0; j < ax.size[k]; ++j) {
         axis[k][j] = static_cast<T>(target_mean_grad<double>(ax.u[k][j], centre, ubar_g, one_minus_rho, coef));
