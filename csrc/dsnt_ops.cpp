@@ -96,6 +96,14 @@ void check_per_map(const std::optional<at::Tensor>& t, const char* what, const M
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The forward outputs dsnt_bwd gets back.
+void check_saved_outputs(const MapGeometry& g, const at::Tensor& logits, const at::Tensor& coords,
+                         const at::Tensor& variance, const at::Tensor& stats) {
+  check_per_keypoint(coords, "coords", g, logits, g.dims);
+  check_per_keypoint(variance, "variance", g, logits, g.dims);
+  check_per_keypoint(stats, "stats", g, logits, stats_size(g.dims));
+}
+
 }  // namespace
 
 OpOptions parse_options(c10::string_view normalization, double beta, bool normalized_coordinates,
@@ -187,9 +195,13 @@ void check_backward_inputs(const MapGeometry& g, const at::Tensor& logits,
   if (has(grad_coords)) check_per_keypoint(*grad_coords, "grad_coords", g, logits, g.dims);
   if (has(grad_variance)) check_per_keypoint(*grad_variance, "grad_variance", g, logits, g.dims);
   if (has(grad_reg_losses)) check_per_keypoint(*grad_reg_losses, "grad_reg_losses", g, logits, -1);
-  if (has(grad_coord_losses) || has(grad_loss)) {
-    TORCH_CHECK_VALUE(o.coord_loss != CoordLoss::None,
+  if (o.coord_loss == CoordLoss::None) {
+    // coord_losses and loss are then empty, and autograd may hand their gradients in as empty
+    // tensors (AOTAutograd materializes zeros of the outputs' shapes): those are no gradient.
+    const auto nonempty = [](const std::optional<at::Tensor>& t) { return has(t) && t->numel() > 0; };
+    TORCH_CHECK_VALUE(!nonempty(grad_coord_losses) && !nonempty(grad_loss),
                       "dsnt_cuda: grad_coord_losses / grad_loss given but coord_loss is 'none'");
+    return check_saved_outputs(g, logits, coords, variance, stats);
   }
   if (has(grad_coord_losses)) check_per_keypoint(*grad_coord_losses, "grad_coord_losses", g, logits, -1);
   if (has(grad_loss)) {
@@ -197,9 +209,7 @@ void check_backward_inputs(const MapGeometry& g, const at::Tensor& logits,
                       "dsnt_cuda: grad_loss must be a scalar, got shape ", grad_loss->sizes());
     check_same_device(*grad_loss, "grad_loss", logits);
   }
-  check_per_keypoint(coords, "coords", g, logits, g.dims);
-  check_per_keypoint(variance, "variance", g, logits, g.dims);
-  check_per_keypoint(stats, "stats", g, logits, stats_size(g.dims));
+  check_saved_outputs(g, logits, coords, variance, stats);
 }
 
 at::Tensor optional_as(const std::optional<at::Tensor>& t, at::ScalarType acc) {

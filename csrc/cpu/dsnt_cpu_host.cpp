@@ -183,12 +183,15 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
                         coords, variance, stats, o);
   const at::ScalarType acc = accumulation_type(logits);
   const auto opts = logits.options().dtype(acc);
+  // Without a coordinate loss its gradients (empty tensors, if any) are no gradient.
+  const bool with_loss = o.coord_loss != CoordLoss::None;
+  const std::optional<at::Tensor> grad_cl = with_loss ? grad_coord_losses : std::nullopt;
+  const std::optional<at::Tensor> grad_l = with_loss ? grad_loss : std::nullopt;
   const bool target_grad = needs_target_grad && has(target);
   const bool beta_grad = needs_beta_grad && has(beta_map) && o.normalization == Normalization::Softmax;
   // Whether any upstream gradient reaches the logits; without one every gradient is 0.
-  const bool reg_path = o.reg != Regularizer::None && (has(grad_reg_losses) || has(grad_loss));
-  const bool any_path = has(grad_coords) || has(grad_variance) || reg_path || has(grad_coord_losses) ||
-                        has(grad_loss);
+  const bool reg_path = o.reg != Regularizer::None && (has(grad_reg_losses) || has(grad_l));
+  const bool any_path = has(grad_coords) || has(grad_variance) || reg_path || has(grad_cl) || has(grad_l);
 
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   at::Tensor grad_target = at::empty({g.batch, g.keypoints, g.dims}, opts);
@@ -202,8 +205,8 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
     const cpu::MapInputTensors inputs =
         cpu::fill_map_args(args.map, g, o, logits, target, beta_map, sigma_t_map);
     const at::Tensor gc = optional_as(grad_coords, acc), gv = optional_as(grad_variance, acc);
-    const at::Tensor gr = optional_as(grad_reg_losses, acc), gcl = optional_as(grad_coord_losses, acc);
-    const at::Tensor weights = optional_as(mask, acc), gl = optional_as(grad_loss, acc);
+    const at::Tensor gr = optional_as(grad_reg_losses, acc), gcl = optional_as(grad_cl, acc);
+    const at::Tensor weights = optional_as(mask, acc), gl = optional_as(grad_l, acc);
     const at::Tensor c = coords.to(acc).contiguous(), v = variance.to(acc).contiguous();
     const at::Tensor st = stats.to(acc).contiguous();
     args.grad_coords = cpu::data_or_null(gc);
