@@ -96,6 +96,14 @@ void check_per_map(const std::optional<at::Tensor>& t, const char* what, const M
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The forward outputs dsnt_bwd gets back.
+void check_saved_outputs(const MapGeometry& g, const at::Tensor& logits, const at::Tensor& coords,
+                         const at::Tensor& variance, const at::Tensor& stats) {
+  check_per_keypoint(coords, "coords", g, logits, g.dims);
+  check_per_keypoint(variance, "variance", g, logits, g.dims);
+  check_per_keypoint(stats, "stats", g, logits, stats_size(g.dims));
+}
+
 }  // namespace
 
 OpOptions parse_options(c10::string_view normalization, double beta, bool normalized_coordinates,
@@ -187,9 +195,13 @@ void check_backward_inputs(const MapGeometry& g, const at::Tensor& logits,
   if (has(grad_coords)) check_per_keypoint(*grad_coords, "grad_coords", g, logits, g.dims);
   if (has(grad_variance)) check_per_keypoint(*grad_variance, "grad_variance", g, logits, g.dims);
   if (has(grad_reg_losses)) check_per_keypoint(*grad_reg_losses, "grad_reg_losses", g, logits, -1);
-  if (has(grad_coord_losses) || has(grad_loss)) {
-    TORCH_CHECK_VALUE(o.coord_loss != CoordLoss::None,
+  if (o.coord_loss == CoordLoss::None) {
+    // coord_losses and loss are then empty, and autograd may hand their gradients in as empty
+    // tensors (AOTAutograd materializes zeros of the outputs' shapes): those are no gradient.
+    const auto nonempty = [](const std::optional<at::Tensor>& t) { return has(t) && t->numel() > 0; };
+    TORCH_CHECK_VALUE(!nonempty(grad_coord_losses) && !nonempty(grad_loss),
                       "dsnt_cuda: grad_coord_losses / grad_loss given but coord_loss is 'none'");
+    return check_saved_outputs(g, logits, coords, variance, stats);
   }
   if (has(grad_coord_losses)) check_per_keypoint(*grad_coord_losses, "grad_coord_losses", g, logits, -1);
   if (has(grad_loss)) {
@@ -197,9 +209,7 @@ void check_backward_inputs(const MapGeometry& g, const at::Tensor& logits,
                       "dsnt_cuda: grad_loss must be a scalar, got shape ", grad_loss->sizes());
     check_same_device(*grad_loss, "grad_loss", logits);
   }
-  check_per_keypoint(coords, "coords", g, logits, g.dims);
-  check_per_keypoint(variance, "variance", g, logits, g.dims);
-  check_per_keypoint(stats, "stats", g, logits, stats_size(g.dims));
+  check_saved_outputs(g, logits, coords, variance, stats);
 }
 
 at::Tensor optional_as(const std::optional<at::Tensor>& t, at::ScalarType acc) {
@@ -210,6 +220,47 @@ at::Tensor optional_as(const std::optional<at::Tensor>& t, at::ScalarType acc) {
 at::Tensor per_map_view(const std::optional<at::Tensor>& t, const MapGeometry& g, at::ScalarType acc) {
   if (!has(t)) return at::Tensor();
   return t->to(acc).expand({g.batch, g.keypoints});
+}
+
+namespace {
+
+// The first (b, l) of a (B, L) view whose value fails `ok`, reported with `what` and `rule`.
+template <typename T, typename Ok>
+void check_view_values(const at::Tensor& view, const char* what, const char* rule, Ok ok) {
+  const at::Tensor host = view.is_cpu() ? view : view.cpu();
+  const T* data = host.const_data_ptr<T>();
+  for (int64_t b = 0; b < host.size(0); ++b) {
+    for (int64_t l = 0; l < host.size(1); ++l) {
+      const double x = static_cast<double>(data[b * host.stride(0) + l * host.stride(1)]);
+      TORCH_CHECK_VALUE(ok(x), "dsnt_cuda: every value of ", what, " must be ", rule, ", got ", x,
+                        " for map (", b, ", ", l, ")");
+    }
+  }
+}
+
+template <typename T>
+void check_per_map_values_as(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc) {
+  if (beta_view.defined()) {
+    const double hi = max_beta(acc);
+    check_view_values<T>(beta_view, "beta_map", "finite, > 0 and representable in the accumulation dtype",
+                         [hi](double x) { return std::isfinite(x) && x > 0 && x <= hi; });
+  }
+  if (sigma_t_view.defined()) {
+    const double lo = min_sigma_t(acc);
+    check_view_values<T>(sigma_t_view, "sigma_t_map",
+                         acc == at::kDouble ? "finite and >= 2^-400 pixels" : "finite and >= 2^-40 pixels",
+                         [lo](double x) { return std::isfinite(x) && x >= lo; });
+  }
+}
+
+}  // namespace
+
+void check_per_map_values(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc) {
+  if (acc == at::kDouble) {
+    check_per_map_values_as<double>(beta_view, sigma_t_view, acc);
+  } else {
+    check_per_map_values_as<float>(beta_view, sigma_t_view, acc);
+  }
 }
 
 at::Tensor reduce_beta_grad(const at::Tensor& per_map_grad, const std::optional<at::Tensor>& beta_map,

@@ -85,6 +85,12 @@ struct PerMapScalar {
 // alive while a PerMapScalar points into it.
 at::Tensor per_map_view(const std::optional<at::Tensor>& t, const MapGeometry& g, at::ScalarType acc);
 
+// The values of the per-map views (per_map_view; undefined = not given), checked as the float
+// beta / sigma_t are: each beta finite, > 0 and representable in `acc`; each sigma_t finite and
+// at least the narrowest representable target. Reads every value on the host (a device tensor
+// is copied there first).
+void check_per_map_values(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc);
+
 template <typename T>
 PerMapScalar<T> per_map_scalar(const at::Tensor& view, double value) {
   PerMapScalar<T> s;
