@@ -188,14 +188,18 @@ def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 FLOOR_ULPS = 64
 
 
-def assert_close(actual, exact, baseline, what: str):
+def assert_close(actual, exact, baseline, what: str, computed_in: torch.dtype | None = None):
     """`actual` against the float64 `exact`, allowed twice `baseline`'s error (the reference in
-    the case's dtype; None: float64 inputs, where the floor alone applies)."""
+    the case's dtype; None: float64 inputs, where the floor alone applies). `computed_in`: the
+    dtype the value was accumulated in when coarser than its own (a float64 grad_beta_map or
+    grad_target of float32 logits): the floor is in ulps of the coarser of the two."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     a, e = actual.detach().cpu(), exact.detach().cpu()
     assert torch.equal(a.double().isnan(), e.double().isnan()), f"{what}: NaN pattern differs from the reference"
     assert torch.equal(a.double().isinf(), e.double().isinf()), f"{what}: inf pattern differs from the reference"
-    floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
+    ulp = max(torch.finfo(actual.dtype).eps, torch.finfo(computed_in or actual.dtype).eps) if (
+        actual.is_floating_point()) else 0.0
+    floor = FLOOR_ULPS * ulp
     allowed = floor + (2 * max_error(baseline, exact) if baseline is not None else 0.0)
     err = max_error(a, e)
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
@@ -212,6 +216,7 @@ def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
     base_b = reference_backward(case, None) if low else (None,) * 3
     for name, a, e, b in zip(FWD_OUTPUTS, outs, exact_f, base_f):
         assert_close(a, e, b, f"{what} {name}")
+    acc = reference.accumulation_dtype(case.logits.dtype)
     for name, a, e, b in zip(BWD_OUTPUTS, grads, exact_b, base_b):
-        assert_close(a, e, b, f"{what} {name}")
+        assert_close(a, e, b, f"{what} {name}", computed_in=acc)
     return outs, grads
