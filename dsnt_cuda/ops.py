@@ -19,6 +19,25 @@ FWD_ARGS = (
 )
 STATS_BASE = 4  # stats has STATS_BASE + n entries per map
 
+# The schemas of csrc/dsnt_ops.cpp, for the op pairs registered from Python (the Triton ops,
+# torch.library.triton_op(..., schema=FWD_SCHEMA)): every backend has the same signature.
+FWD_SCHEMA = (
+    "(Tensor logits, Tensor? target, Tensor? mask, Tensor? beta_map, Tensor? sigma_t_map, "
+    "str normalization, float beta, bool normalized_coordinates, str reg, float sigma_t, "
+    "str coord_loss, float reg_weight) "
+    "-> (Tensor coords, Tensor variance, Tensor reg_losses, Tensor coord_losses, Tensor loss, "
+    "Tensor stats)"
+)
+BWD_SCHEMA = (
+    "(Tensor? grad_coords, Tensor? grad_variance, Tensor? grad_reg_losses, "
+    "Tensor? grad_coord_losses, Tensor? grad_loss, "
+    "Tensor logits, Tensor? target, Tensor? mask, Tensor? beta_map, Tensor? sigma_t_map, "
+    "Tensor coords, Tensor variance, Tensor stats, "
+    "str normalization, float beta, bool normalized_coordinates, str reg, float sigma_t, "
+    "str coord_loss, float reg_weight, bool needs_target_grad, bool needs_beta_grad) "
+    "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_beta_map)"
+)
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 logits, float32 for everything else."""
@@ -129,6 +148,15 @@ def register_op_pair(fwd_name: str, bwd_op, lib: torch.library.Library | None = 
 _libraries: list = []
 
 
+def register_ops(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels and autograd of an op pair with the schemas of dsnt_fwd / dsnt_bwd, given by
+    qualified names ("dsnt_cuda::dsnt_fwd_triton", "dsnt_cuda::dsnt_bwd_triton")."""
+    torch.library.register_fake(fwd_name)(dsnt_fwd_fake)
+    torch.library.register_fake(bwd_name)(dsnt_bwd_fake)
+    namespace, name = bwd_name.split("::")
+    register_op_pair(fwd_name, getattr(getattr(torch.ops, namespace), name).default)
+
+
 def _register_cpp_ops() -> bool:
     """Fake kernels and autograd of the C++ ops; False when the extension is not built."""
     if not _extension.extension_loaded() or not hasattr(torch.ops.dsnt_cuda, "dsnt_fwd"):
@@ -141,5 +169,5 @@ def _register_cpp_ops() -> bool:
 
 _register_cpp_ops()
 
-__all__ = ["FWD_ARGS", "STATS_BASE", "accumulation_dtype", "dsnt_fwd_fake", "dsnt_bwd_fake",
-           "register_op_pair"]
+__all__ = ["FWD_ARGS", "STATS_BASE", "FWD_SCHEMA", "BWD_SCHEMA", "accumulation_dtype", "dsnt_fwd_fake",
+           "dsnt_bwd_fake", "register_op_pair", "register_ops"]

@@ -1,17 +1,15 @@
-"""Triton kernels run on CPU tensors in Triton's interpreter, against the float64 reference.
+"""The Triton kernels on CPU tensors in Triton's interpreter, against the float64 reference.
 
-Runs only in a process started with TRITON_INTERPRET=1 (the Makefile runs this file on its own
-so): the variable has to be set before triton is first imported, which a test cannot guarantee.
-The interpreter is ~1000x slower than a GPU, so shapes are few and small; a map of 10 000
-elements takes the looped (multi-chunk) path with the default block sizes, and the block sizes
-are lowered for the other looped-path tests. Every output buffer is poisoned with NaN, so an
-element a kernel forgets to write fails the comparison.
+Runs only in a process started with TRITON_INTERPRET=1 (`make test-triton` runs this file on its
+own): the variable must be set before triton is first imported. The interpreter runs programs one
+after another, ~1000x slower than a GPU, so shapes are few and small; the launch-plan thresholds
+are lowered (fixture `looped`) to reach the looped forward, several programs per map in the
+backward, column chunks and per-axis loops with small maps. Every output buffer is poisoned
+with NaN, so an element a kernel forgets to write fails the comparison.
 """
 
-import math
+import itertools
 import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -19,384 +17,222 @@ import torch
 
 pytestmark = [
     pytest.mark.triton_interpreter,
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="needs TRITON_INTERPRET=1 set before triton is imported (run this file in its own "
-        "process: TRITON_INTERPRET=1 pytest tests/test_triton_interpreter.py)",
-    ),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs TRITON_INTERPRET=1 set before triton is imported (its own process: "
+                       "TRITON_INTERPRET=1 pytest tests/test_triton_interpreter.py)"),
 ]
 
 triton = pytest.importorskip("triton")
 
-from dsnt_cuda import reference  # noqa: E402
+from dsnt_cuda import ops as op_glue, reference  # noqa: E402
 from dsnt_cuda.triton import ops as tops  # noqa: E402
+from support import UPSTREAM, check_against_reference, make_case, run_ops  # noqa: E402
 
-NORMS = ("softmax", "abs", "relu", "sigmoid", "none")
-REGS = ("none", "js", "kl", "var")
+NORMS = reference.NORMALIZATIONS
+REGS = reference.REGULARIZERS
+FWD = torch.ops.dsnt_cuda.dsnt_fwd_triton.default
+BWD = torch.ops.dsnt_cuda.dsnt_bwd_triton.default
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(tops, "_new_output", nan_output)
+    monkeypatch.setattr(tops, "_new_output", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
 
 
 @pytest.fixture
 def looped(monkeypatch):
-    """Force the looped path on small maps: chunks of 16 elements, per-axis loops of 4."""
-    monkeypatch.setattr(tops, "SINGLE_BLOCK_MAX", 16)
-    monkeypatch.setattr(tops, "SINGLE_BLOCK_MAX_FP64", 16)
-    monkeypatch.setattr(tops, "LOOP_BLOCK", 16)
-    monkeypatch.setattr(tops, "AXIS_BLOCK_MAX", 4)
+    """Small maps on the large-map paths: tiles of 16 elements, at most 8 columns wide, two tiles
+    per backward program, per-axis loops of 4."""
+    for name, value in (("SINGLE_TILE_MAX", 16), ("SINGLE_TILE_MAX_FP64", 16), ("LOOP_TILE", 16),
+                        ("COL_BLOCK_MAX", 8), ("CHUNK_TILES", 2), ("AXIS_BLOCK_MAX", 4)):
+        monkeypatch.setattr(tops, name, value)
 
 
-def make_inputs(shape, normalization, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B, L = shape[:2]
-    n = len(shape) - 2
-    z = torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
-    if normalization == "none":
-        # a heatmap that need not sum to 1 (sums around 0.7-1.3), as dsntnn accepts
-        z = torch.softmax(z.flatten(2), -1).view(shape) * (0.7 + 0.6 * torch.rand(B, L, *[1] * n, generator=g,
-                                                                                     dtype=torch.float64))
-    target = (torch.rand(B, L, n, generator=g, dtype=torch.float64) * 1.6 - 0.8)
-    upstream = (
-        torch.randn(B, L, n, generator=g, dtype=torch.float64),
-        torch.randn(B, L, n, generator=g, dtype=torch.float64) * 0.1,
-        torch.randn(B, L, generator=g, dtype=torch.float64),
-    )
-    return z.to(dtype), target, upstream
+def check(case, what=""):
+    check_against_reference(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case, what)
 
 
-def reference_results(z, target, options, upstream):
-    """Forward outputs and (grad_logits, grad_target) of the float64 reference by autograd."""
-    normalization, beta, normalized, reg, sigma_t = options
-    z64 = z.detach().to(torch.float64).requires_grad_(True)
-    t64 = target.detach().to(torch.float64).requires_grad_(True)
-    outs = reference.dsnt_core(z64, t64, normalization, beta, normalized, reg, sigma_t)
-    loss = sum((o * g).sum() for o, g in zip(outs, upstream))
-    grads = torch.autograd.grad(loss, [z64, t64], allow_unused=True)
-    grad_t = grads[1] if grads[1] is not None else torch.zeros_like(t64)
-    return [o.detach() for o in outs], grads[0], grad_t
+# Options rotated over the mode matrix, so that every one meets several modes.
+KINDS = ("float", "scalar", "keypoint", "map")
+LOSSES = ("euclidean", "l1", "mse", "none")
 
 
-def expected_stats(z, normalization, beta):
-    """[shift, denom] of csrc/OPS.md: what backward needs to recompute p."""
-    z = z.to(torch.float64).flatten(2)
-    if normalization == "softmax":
-        shift = z.amax(-1)  # the unscaled largest logit
-        denom = torch.exp(beta * (z - shift.unsqueeze(-1))).sum(-1)
-    elif normalization == "none":
-        shift, denom = torch.zeros(z.shape[:2], dtype=z.dtype), torch.ones(z.shape[:2], dtype=z.dtype)
-    else:
-        shift, denom = torch.zeros(z.shape[:2], dtype=z.dtype), reference._rectify(z, normalization).sum(-1)
-    return torch.stack([shift, denom], -1)
+def rotated_case(shape, normalization, reg, index, dtype=torch.float64):
+    return make_case(shape, normalization, reg, dtype=dtype, seed=zlib.crc32(f"{normalization}{reg}".encode()),
+                     coord_loss=LOSSES[index % 4], normalized_coordinates=index % 4 != 3 or reg == "var",
+                     beta_kind=KINDS[index % 4], sigma_kind=KINDS[(index + 1) % 4], mask=index % 2 == 0)
 
 
-def run_triton(z, target, options, upstream):
-    normalization, beta, normalized, reg, sigma_t = options
-    coords, var, reg_losses, stats = tops.dsnt_fwd_triton(z, target, *options)
-    grad_z, grad_t = tops.dsnt_bwd_triton(*upstream, z, target, coords, var, stats, *options, True)
-    return (coords, var, reg_losses), stats, grad_z, grad_t
+# ---- every normalization x regularizer ---------------------------------------------------------
 
 
-def assert_close(actual, expected, rtol, atol, what):
-    actual = actual.to(torch.float64)
-    err = (actual - expected).abs()
-    bound = atol + rtol * expected.abs()
-    bad = ~(err <= bound)
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {bad.numel()} elements off; max abs err {err.max().item():.3e}, "
-        f"first bad actual {actual[bad][:4].tolist()} expected {expected[bad][:4].tolist()}"
-    )
+@pytest.mark.parametrize("normalization,reg", list(itertools.product(NORMS, REGS)))
+def test_modes_single_tile(normalization, reg):
+    index = NORMS.index(normalization) + REGS.index(reg)
+    check(rotated_case((2, 2, 5, 7), normalization, reg, index), f"{normalization}/{reg}")
 
 
-def check_against_reference(shape, options, dtype=torch.float64, seed=0, tol=1e-10):
-    z, target, upstream = make_inputs(shape, options[0], dtype, seed)
-    outs, stats, grad_z, grad_t = run_triton(z, target, options, upstream)
-    ref_outs, ref_grad_z, ref_grad_t = reference_results(z, target, options, upstream)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for name, a, e in zip(("coords", "variance", "reg_losses"), outs, ref_outs):
-        assert a.dtype == acc and a.shape == e.shape, name
-        assert_close(a, e, tol, tol, name)
-    assert_close(stats, expected_stats(z, options[0], options[1]), tol, tol, "stats")
-    assert grad_z.dtype == z.dtype and grad_z.shape == z.shape and grad_z.is_contiguous()
-    # grad_logits is stored in the logits' dtype: allow its rounding on top of `tol`
-    gtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, tol)
-    scale = ref_grad_z.abs().max().item()
-    assert_close(grad_z, ref_grad_z, gtol, gtol * scale, "grad_logits")
-    if options[3] in ("js", "kl"):
-        assert_close(grad_t, ref_grad_t, tol, tol * max(ref_grad_t.abs().max().item(), 1.0), "grad_target")
-    else:
-        assert (grad_t == 0).all()
-
-
-# ---- every normalization x regularizer, 2-D, single-block and looped paths -----------------
-
-
-@pytest.mark.parametrize("reg", REGS)
-@pytest.mark.parametrize("normalization", NORMS)
-def test_modes_2d_single_block(normalization, reg):
-    beta = 1.3 if normalization == "softmax" else 1.0
-    normalized = reg != "var"  # both grids over the matrix
-    seed = zlib.crc32(f"{normalization}-{reg}".encode())
-    check_against_reference((2, 2, 5, 7), (normalization, beta, normalized, reg, 1.2), seed=seed)
-
-
-@pytest.mark.parametrize("reg", REGS)
-@pytest.mark.parametrize("normalization", NORMS)
-def test_modes_2d_looped(looped, normalization, reg):
-    beta = 0.8 if normalization == "softmax" else 1.0
-    normalized = reg != "js"
-    check_against_reference((1, 2, 6, 9), (normalization, beta, normalized, reg, 1.0), seed=7)
-
-
-# ---- 1-D and 3-D ---------------------------------------------------------------------------
+@pytest.mark.parametrize("normalization,reg", [("softmax", "js"), ("abs", "kl"), ("relu", "var"),
+                                               ("sigmoid", "none"), ("none", "js"), ("softmax", "kl")])
+def test_modes_looped(looped, normalization, reg):
+    """Two passes over 6 tiles (10 columns: 2 column chunks), three backward programs per map."""
+    index = NORMS.index(normalization) + 2 * REGS.index(reg)
+    check(rotated_case((1, 2, 6, 10), normalization, reg, index), f"{normalization}/{reg}")
 
 
 @pytest.mark.parametrize("path", ["single", "looped"])
-@pytest.mark.parametrize(
-    "shape,normalization,reg,normalized",
-    [
-        ((2, 2, 11), "softmax", "js", True),
-        ((1, 3, 13), "sigmoid", "var", False),
-        ((1, 2, 3, 4, 5), "softmax", "kl", False),
-        ((2, 1, 4, 3, 5), "relu", "js", True),
-        ((1, 2, 2, 5, 4), "none", "var", True),
-    ],
-)
-def test_1d_3d(request, path, shape, normalization, reg, normalized):
+@pytest.mark.parametrize("shape,normalization,reg", [
+    ((2, 2, 11), "softmax", "js"), ((1, 3, 13), "sigmoid", "var"),
+    ((1, 2, 3, 4, 5), "softmax", "kl"), ((2, 1, 4, 3, 5), "relu", "js"),
+])
+def test_1d_3d(request, path, shape, normalization, reg):
     if path == "looped":
         request.getfixturevalue("looped")
-    check_against_reference(shape, (normalization, 1.0, normalized, reg, 0.9), seed=3)
-
-
-def test_large_map_default_blocks():
-    """10 000 elements > SINGLE_BLOCK_MAX: the looped path with the default chunk size."""
-    assert 100 * 100 > tops.SINGLE_BLOCK_MAX
-    check_against_reference((1, 1, 100, 100), ("softmax", 1.0, True, "js", 1.0), dtype=torch.float32,
-                            tol=2e-5)
-
-
-# ---- dtypes ----------------------------------------------------------------------------------
+    check(rotated_case(shape, normalization, reg, len(shape)), f"{shape} {path}")
 
 
 @pytest.mark.parametrize("path", ["single", "looped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_reduced_precision_inputs(request, path, dtype):
-    """Half inputs accumulate in float32; compared with the float64 reference of the same
-    (already rounded) input values, so only accumulation error remains."""
+def test_reduced_precision(request, path, dtype):
+    """float32 accumulation; the tolerance is the reference's own error in that dtype."""
     if path == "looped":
         request.getfixturevalue("looped")
-    check_against_reference((2, 2, 6, 7), ("softmax", 1.0, True, "js", 1.0), dtype=dtype, seed=11, tol=2e-5)
+    case = make_case((2, 2, 6, 7), "softmax", "js", dtype=dtype, seed=11, coord_loss="euclidean", mask=True,
+                     beta_kind="map")
+    check(case, f"{dtype} {path}")
 
 
-def test_float64_scalars_keep_double_precision():
-    """beta and sigma_t reach float64 kernels unrounded (hi + lo float32 pairs)."""
-    check_against_reference((1, 2, 5, 6), ("softmax", 1 / 3, True, "kl", math.pi / 3), tol=1e-12)
+def test_missing_upstream_gradients():
+    """None upstream gradients are zeros; each alone reaches the kernels."""
+    for i, name in enumerate(UPSTREAM):
+        case = make_case((1, 2, 4, 5), "softmax", "js", seed=i, coord_loss="mse", upstream=[name],
+                         beta_kind="keypoint")
+        check(case, f"only {name}")
+    check(make_case((1, 2, 4, 5), "relu", "kl", upstream=[]), "no upstream")
 
 
-# ---- special maps --------------------------------------------------------------------------
+# ---- maps that break careless kernels ----------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN maps: numpy warns, by design
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on the NaN maps, by design
 @pytest.mark.parametrize("path", ["single", "looped"])
 def test_special_maps(request, path):
+    """A relu map that sums to 0 (uniform, zero gradient), a NaN map (NaN, and no other map),
+    softmax maps with -inf logits (p = 0 there) or all -inf (NaN)."""
     if path == "looped":
         request.getfixturevalue("looped")
-    z = torch.randn(1, 4, 5, 6, dtype=torch.float64)
-    z[0, 1] = -torch.rand(5, 6, dtype=torch.float64)  # relu sums to 0: uniform map, zero gradient
-    z[0, 2] = 0.0
-    z[0, 2, 1, 3] = float("nan")  # a NaN map is NaN, and no other map
-    target = torch.zeros(1, 4, 2, dtype=torch.float64)
-    options = ("relu", 1.0, True, "js", 1.0)
-    coords, var, reg_losses, stats = tops.dsnt_fwd_triton(z, target, *options)
-    ref = reference.dsnt_core(z, target, *options)
-    for a, e in zip((coords, var, reg_losses), ref):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, equal_nan=True)
-    assert torch.isnan(coords[0, 2]).all() and torch.isfinite(coords[0, [0, 1, 3]]).all()
-    assert stats[0, 1, 1] == 0
-    torch.testing.assert_close(coords[0, 1], torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
-    upstream = (torch.ones(1, 4, 2, dtype=torch.float64), None, torch.ones(1, 4, dtype=torch.float64))
-    grad_z, grad_t = tops.dsnt_bwd_triton(*upstream, z, target, coords, var, stats, *options, False)
-    assert (grad_t == 0).all()  # needs_target_grad=False
-    assert (grad_z[0, 1] == 0).all()
-    assert torch.isfinite(grad_z[0, [0, 1, 3]]).all()
+    case = make_case((1, 4, 5, 6), "relu", "js", coord_loss="euclidean", mask=True)
+    z = case.logits.clone()
+    z[0, 1] = -z[0, 1].abs()  # relu sums to 0
+    z[0, 2, 1, 3] = float("nan")
+    case.logits = z
+    outs, grads = check_against_reference(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case, "relu")
+    assert outs[5][0, 1, 1] == 0  # stats slot 1, denom: 0 marks the uniform map
+    assert (grads[0][0, 1] == 0).all() and grads[0][0, 2].isnan().any()
+    assert outs[0][0, [0, 1, 3]].isfinite().all() and outs[4].isnan()
 
-    # softmax: -inf logits get p = 0 and a zero gradient; a NaN softmax map stays contained
-    z = torch.randn(1, 3, 5, 6, dtype=torch.float64)
+    # (a float beta: the reference's beta gradient is NaN with -inf logits, (-inf) * 0; ours is 0)
+    case = make_case((1, 3, 5, 6), "softmax", "kl")
+    z = case.logits.clone()
     z[0, 0, :2] = float("-inf")
-    z[0, 1, 4, 4] = float("nan")
-    options = ("softmax", 1.0, False, "kl", 1.0)
-    coords, var, reg_losses, stats = tops.dsnt_fwd_triton(z, target[:, :3], *options)
-    ref = reference.dsnt_core(z, target[:, :3], *options)
-    for a, e in zip((coords, var, reg_losses), ref):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, equal_nan=True)
-    assert torch.isnan(reg_losses[0, 1]) and torch.isfinite(reg_losses[0, [0, 2]]).all()
-    grad_z, _ = tops.dsnt_bwd_triton(upstream[0][:, :3], None, upstream[2][:, :3], z, target[:, :3], coords,
-                                     var, stats, *options, False)
-    assert (grad_z[0, 0, :2] == 0).all() and torch.isfinite(grad_z[0, [0, 2]]).all()
+    z[0, 1] = float("-inf")
+    case.logits = z
+    outs, grads = check_against_reference(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case, "softmax")
+    assert (grads[0][0, 0, :2] == 0).all() and outs[0][0, 1].isnan().all()
 
 
-def test_sharp_map_variance_no_cancellation(looped):
-    """A near-delta map far from the origin: the variance is tiny but must stay accurate."""
-    z = torch.full((1, 1, 40, 40), -30.0, dtype=torch.float32)
-    z[0, 0, 33, 35] = 0.0
-    z[0, 0, 33, 36] = -2.0
-    coords, var, _, _ = tops.dsnt_fwd_triton(z, None, "softmax", 1.0, False, "none", 1.0)
-    ref = reference.dsnt_core(z.double(), None, "softmax", 1.0, False, "none", 1.0)
-    torch.testing.assert_close(var.double(), ref[1], rtol=1e-4, atol=1e-9)
+def test_nan_map_keeps_what_does_not_depend_on_it():
+    """reg none keeps 0 losses; without grad_reg_losses the target gets no regularizer gradient."""
+    case = make_case((1, 2, 4, 5), "softmax", "js", upstream=["grad_coords"])
+    case.logits[0, 0, 1, 2] = float("nan")
+    outs, grads = run_ops(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case)
+    assert (grads[1] == 0).all()
+    none_case = make_case((1, 2, 4, 5), "softmax", "none")
+    none_case.logits[0, 0, 1, 2] = float("nan")
+    assert (tops.dsnt_fwd_triton(*none_case.fwd_args())[2] == 0).all()
 
 
 def test_strided_logits_and_empty_batch():
-    z = torch.randn(2, 6, 5, 3, dtype=torch.float64).permute(0, 3, 2, 1)  # (2, 3, 5, 6) non-contiguous
-    target = torch.zeros(2, 3, 2, dtype=torch.float64)
-    options = ("softmax", 1.0, True, "js", 1.0)
-    for a, e in zip(tops.dsnt_fwd_triton(z, target, *options)[:3], reference.dsnt_core(z, target, *options)):
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
-    outs = tops.dsnt_fwd_triton(torch.randn(0, 3, 4, 4), None, "softmax", 1.0, True, "none", 1.0)
-    assert [tuple(o.shape) for o in outs] == [(0, 3, 2), (0, 3, 2), (0, 3), (0, 3, 2)]
+    case = make_case((2, 3, 5, 6), "softmax", "js", coord_loss="l1")
+    case.logits = case.logits.transpose(2, 3).contiguous().transpose(2, 3)  # same values, strided
+    assert not case.logits.is_contiguous()
+    check(case, "strided")
+    empty = make_case((0, 3, 4, 4), "softmax", "js", coord_loss="euclidean")
+    outs, grads = run_ops(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, empty)
+    assert [tuple(o.shape) for o in outs] == [(0, 3, 2), (0, 3, 2), (0, 3), (0, 3), (), (0, 3, 6)]
+    assert outs[4] == 0 and grads[0].shape == (0, 3, 4, 4)
 
 
-def test_input_errors():
-    z = torch.randn(1, 2, 4, 4)
-    with pytest.raises(ValueError, match="normalization"):
-        tops.dsnt_fwd_triton(z, None, "softplus", 1.0, True, "none", 1.0)
-    with pytest.raises(ValueError, match="target"):
-        tops.dsnt_fwd_triton(z, None, "softmax", 1.0, True, "js", 1.0)
-    with pytest.raises(ValueError, match="sigma_t"):
-        tops.dsnt_fwd_triton(z, None, "softmax", 1.0, True, "var", -1.0)
-    with pytest.raises(ValueError, match="spatial"):
-        tops.dsnt_fwd_triton(torch.randn(1, 2, 2, 2, 2, 2), None, "softmax", 1.0, True, "none", 1.0)
+# ---- autograd, op registration -----------------------------------------------------------------
+
+
+def test_registered_ops_against_the_reference():
+    check_against_reference(FWD, BWD, rotated_case((1, 2, 4, 3), "softmax", "js", 1), "registered ops")
+
+
+def test_gradcheck_through_autograd():
+    """gradcheck in float64 of the registered forward, wrt logits, target and beta_map."""
+    case = make_case((1, 2, 2, 3), "softmax", "js", dtype=torch.float64, coord_loss="euclidean", mask=True,
+                     beta_kind="keypoint", scale=1.0)
+    inputs = [t.clone().requires_grad_(True) for t in (case.logits, case.target, case.beta_map)]
+
+    def fn(logits, target, beta_map):
+        outs = FWD(logits, target, case.mask, beta_map, None, *case.options())
+        return outs[:5]
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_opcheck():
+    """Schema, fake kernels and autograd registration of both ops. (aot_dispatch would run the
+    triton_op's launcher on fake tensors, which the interpreter cannot: GPU tests run it.)"""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    case = make_case((1, 2, 3, 4), "softmax", "js", coord_loss="euclidean", mask=True, beta_kind="keypoint")
+    args = [case.logits.requires_grad_(True), case.target, case.mask, case.beta_map, None, *case.options()]
+    torch.library.opcheck(FWD, tuple(args), test_utils=utils)
+    outs = tops.dsnt_fwd_triton(*case.fwd_args())
+    up = case.upstream
+    torch.library.opcheck(BWD, (up["grad_coords"], None, up["grad_reg_losses"], None, up["grad_loss"],
+                                case.logits.detach(), case.target, case.mask, case.beta_map, None,
+                                outs[0], outs[1], outs[5], *case.options(), True, True), test_utils=utils)
+
+
+def test_schemas_are_the_cpp_ops():
+    assert str(FWD._schema) == "dsnt_cuda::dsnt_fwd_triton" + op_glue.FWD_SCHEMA
+    assert str(BWD._schema) == "dsnt_cuda::dsnt_bwd_triton" + op_glue.BWD_SCHEMA
+    if hasattr(torch.ops.dsnt_cuda, "dsnt_fwd"):
+        cpp = torch.ops.dsnt_cuda.dsnt_fwd.default._schema
+        assert str(cpp).split("(", 1)[1] == str(FWD._schema).split("(", 1)[1]
+
+
+# ---- what the launchers refuse -----------------------------------------------------------------
 
 
 def test_maps_above_the_int32_offsets_are_refused(monkeypatch):
-    """Element offsets inside a map are int32 in the kernels: larger maps get a clear error."""
     monkeypatch.setattr(tops, "MAX_MAP_SIZE", 16)
-    z = torch.randn(1, 2, 4, 5)
-    with pytest.raises(ValueError, match="at most"):
-        tops.dsnt_fwd_triton(z, None, "softmax", 1.0, True, "none", 1.0)
-    tops.dsnt_fwd_triton(z[..., :4], None, "softmax", 1.0, True, "none", 1.0)  # 16: accepted
+    case = make_case((1, 2, 4, 5), "softmax", "none")
+    with pytest.raises(ValueError, match="at most 16 elements"):
+        tops.dsnt_fwd_triton(*case.fwd_args())
+    case.logits = case.logits[..., :4]  # 16: accepted
+    tops.dsnt_fwd_triton(*case.fwd_args())
 
 
-def test_backward_rejects_saved_tensors_of_the_wrong_shape():
-    """The kernel reads coords / variance / stats raw: a wrong shape must not reach it."""
-    z = torch.randn(2, 3, 4, 5)
-    target = torch.zeros(2, 3, 2)
-    options = ("softmax", 1.0, True, "js", 1.0)
-    coords, variance, _, stats = tops.dsnt_fwd_triton(z, target, *options)
-    for name, bad in (("coords", (coords[:1], variance, stats)), ("variance", (coords, variance[..., :1], stats)),
-                      ("stats", (coords, variance, stats[:, :2]))):
+def test_backward_refuses_what_would_read_out_of_bounds():
+    case = make_case((2, 3, 4, 5), "softmax", "js", coord_loss="euclidean")
+    coords, variance, _, _, _, stats = tops.dsnt_fwd_triton(*case.fwd_args())
+    up = case.upstream
+
+    def bwd(**changes):
+        args = dict(grad_coords=up["grad_coords"], target=case.target, coords=coords, variance=variance,
+                    stats=stats, mask=case.mask)
+        args.update(changes)
+        return tops.dsnt_bwd_triton(args["grad_coords"], None, None, None, up["grad_loss"], case.logits,
+                                    args["target"], args["mask"], None, None, args["coords"],
+                                    args["variance"], args["stats"], *case.options(), True, False)
+
+    bwd()
+    for name, bad in (("coords", coords[:1]), ("variance", variance[..., :1]), ("stats", stats[:, :, :5]),
+                      ("target", case.target[:1]), ("grad_coords", up["grad_coords"][:, :2])):
         with pytest.raises(ValueError, match=name):
-            tops.dsnt_bwd_triton(None, None, None, z, target, *bad, *options, False)
-    with pytest.raises(ValueError, match="target"):
-        tops.dsnt_bwd_triton(None, None, None, z, target[:1], coords, variance, stats, *options, True)
-
-
-# ---- autograd entry points -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("via", ["dsnt_core_triton", "triton_op"])
-def test_autograd_paths(via):
-    """dsnt_core_triton (the backend="triton" entry) and the registered triton_op, eagerly on CPU:
-    both differentiate in logits and target like the reference."""
-    z, target, upstream = make_inputs((2, 2, 5, 6), "softmax", torch.float32, seed=5)
-    options = ("softmax", 1.0, True, "js", 1.0)
-    z1 = z.clone().requires_grad_(True)
-    t1 = target.float().requires_grad_(True)
-    if via == "dsnt_core_triton":
-        outs = tops.dsnt_core_triton(z1, t1, *options)
-    else:
-        outs = torch.ops.dsnt_cuda.dsnt_fwd_triton(z1, t1, *options)[:3]
-    loss = sum((o * g.float()).sum() for o, g in zip(outs, upstream))
-    loss.backward()
-    ref_outs, ref_gz, ref_gt = reference_results(z, target.float(), options, upstream)
-    for a, e in zip(outs, ref_outs):
-        assert_close(a.detach(), e, 2e-5, 2e-5, "forward")
-    assert_close(z1.grad, ref_gz, 2e-5, 2e-5 * ref_gz.abs().max().item(), "grad_logits")
-    assert_close(t1.grad, ref_gt, 2e-5, 2e-5 * ref_gt.abs().max().item(), "grad_target")
-
-
-def test_gradcheck_float64():
-    """torch.autograd.gradcheck of the autograd path (float64, a few maps, both inputs)."""
-    z, target, _ = make_inputs((1, 2, 3, 4), "softmax", torch.float64, seed=2)
-    z.requires_grad_(True)
-    target.requires_grad_(True)
-
-    def f(z, t):
-        return tops.dsnt_core_triton(z, t, "softmax", 1.0, True, "js", 1.0)
-
-    assert torch.autograd.gradcheck(f, (z, target), eps=1e-6, atol=1e-7)
-
-
-def test_backend_dispatch():
-    """backend="triton" of the library's dispatcher reaches these kernels on CPU tensors."""
-    from dsnt_cuda.dispatch import dsnt_core
-
-    z, target, _ = make_inputs((1, 3, 6, 5), "softmax", torch.float64, seed=9)
-    ours = dsnt_core(z, target, "softmax", 1.0, True, "kl", 1.0, backend="triton")
-    for a, e in zip(ours, reference.dsnt_core(z, target, "softmax", 1.0, True, "kl", 1.0)):
-        assert_close(a, e, 1e-10, 1e-10, "dispatch")
-
-
-# ---- the kernels also compile for the GPU ------------------------------------------------------
-
-_COMPILE_SCRIPT = r"""
-# Compiles kernel variants for sm_90 with no GPU: typing errors the interpreter forgives (loop-carried
-# dtypes, non-constexpr globals, scalar specialization of sizes equal to 1) fail here.
-import itertools
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from dsnt_cuda.triton.kernels import _dsnt_bwd_kernel, _dsnt_fwd_kernel
-
-def compile_one(fn, ptrs, consts, unit_sizes):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptrs["logits" if name in ("logits_ptr", "glogits_ptr") else "acc"]
-        elif name in ("N", "SD", "SH", "SW"):
-            sig[name] = "i32"
-        else:
-            sig[name] = "fp32"
-    consts = dict(consts)
-    for name in unit_sizes:  # Triton specializes integer arguments equal to 1 as constexprs
-        sig[name] = "constexpr"
-        consts[name] = 1
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-
-count = 0
-for i, (norm, reg) in enumerate(itertools.product(range(5), range(4))):
-    if (norm + reg) % 2 and norm != 0:
-        continue  # a covering subset: every NORM, every REG, both paths, all NDIM
-    ndim = 1 + i % 3
-    single = i % 2 == 0
-    fp64 = i % 7 == 0
-    logits_type = "*fp64" if fp64 else ("*bf16" if i % 3 else "*fp16")
-    ptrs = {"logits": logits_type, "acc": "*fp64" if fp64 else "*fp32"}
-    units = {1: ["SD", "SH"], 2: ["SD"], 3: []}[ndim]
-    consts = dict(NDIM=ndim, NORM=norm, REG=reg, NORMALIZED=i % 4 < 2, SINGLE=single,
-                  BLOCK=1024 if single else 256, AXIS_BLOCK=64, FP64=fp64)
-    compile_one(_dsnt_fwd_kernel, ptrs, consts, units)
-    compile_one(_dsnt_bwd_kernel, ptrs, dict(consts, TARGET_GRAD=reg in (1, 2)), units)
-    count += 2
-print("compiled", count)
-"""
-
-
-def test_kernels_compile_for_sm90():
-    """The interpreter runs the kernels' Python; this compiles them for an H100 (no GPU needed),
-    in a process without TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled" in result.stdout
+            bwd(**{name: bad})

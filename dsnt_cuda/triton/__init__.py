@@ -1,8 +1,9 @@
-"""The Triton backend of the fused DSNT ops (see ops.py and kernels.py).
+"""The Triton backend of the fused DSNT ops (docs/ops.md): kernels in forward.py / backward.py,
+the math they share in math.py / tiles.py, launchers and registration in ops.py.
 
-Importing this package never fails when triton is missing: the functions below then raise a
-clear error when called, and `TRITON_AVAILABLE` / `IMPORT_ERROR` say why. With triton present,
-importing registers the ops `dsnt_cuda::dsnt_fwd_triton` / `dsnt_cuda::dsnt_bwd_triton`.
+Importing this package never fails when triton is missing: the launchers then raise a clear
+error, and `TRITON_AVAILABLE` / `IMPORT_ERROR` say why. With triton present, importing registers
+the ops `torch.ops.dsnt_cuda.dsnt_fwd_triton` / `dsnt_bwd_triton` (with autograd).
 """
 
 try:
@@ -14,11 +15,11 @@ except ImportError as _error:
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"the dsnt_cuda Triton backend needs triton, not installed: {IMPORT_ERROR}")
 
-    dsnt_fwd_triton = dsnt_bwd_triton = dsnt_core_triton = _unavailable
+    dsnt_fwd_triton = dsnt_bwd_triton = _unavailable
 else:
-    from dsnt_cuda.triton.ops import dsnt_bwd_triton, dsnt_core_triton, dsnt_fwd_triton
+    from dsnt_cuda.triton.ops import dsnt_bwd_triton, dsnt_fwd_triton
 
     TRITON_AVAILABLE = True
     IMPORT_ERROR = None
 
-__all__ = ["dsnt_fwd_triton", "dsnt_bwd_triton", "dsnt_core_triton", "TRITON_AVAILABLE", "IMPORT_ERROR"]
+__all__ = ["dsnt_fwd_triton", "dsnt_bwd_triton", "TRITON_AVAILABLE", "IMPORT_ERROR"]

@@ -1,58 +1,57 @@
-"""Launchers and op registration of the Triton kernels (csrc/OPS.md contract).
+"""Launchers, launch plans and registration of the Triton kernels (docs/ops.md contract v2).
 
-- `dsnt_fwd_triton` / `dsnt_bwd_triton`: plain launchers with the OPS.md argument lists and
-  results. They run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before
-  triton was imported.
-- `torch.ops.dsnt_cuda.dsnt_fwd_triton` / `dsnt_bwd_triton`: the same launchers registered as
-  `torch.library.triton_op`s (kernels launched through `wrap_triton`, so torch.compile traces
-  into them), with autograd on the forward op.
-- `dsnt_core_triton`: (coords, variance, reg_losses) with autograd, for backend="triton".
+- `dsnt_fwd_triton` / `dsnt_bwd_triton`: plain functions with the arguments and results of
+  `dsnt_cuda::dsnt_fwd` / `dsnt_bwd`, launching the kernels on the tensors' device: CUDA, or CPU
+  when TRITON_INTERPRET=1 was set before triton was imported.
+- `torch.ops.dsnt_cuda.dsnt_fwd_triton` / `dsnt_bwd_triton`: the same functions as
+  `torch.library.triton_op`s with the C++ ops' schemas; fake kernels and autograd come from
+  `dsnt_cuda.ops.register_ops`, as for every backend.
+
+Inputs are validated by the Python API (and the C++ ops check theirs); these launchers check
+only what would make a kernel read out of bounds: the device, the map size (int32 offsets), and
+the shapes and devices of every tensor a kernel reads by index.
 """
 
 import contextlib
 import math
 import struct
-from typing import Optional
 
 import torch
 import triton
 
-from dsnt_cuda._validation import check_core_args, check_heatmaps, check_option
+from dsnt_cuda import ops as _ops
 from dsnt_cuda.backends import triton_interpreter_enabled
-from dsnt_cuda.reference import NORMALIZATIONS, REGULARIZERS
-from dsnt_cuda.triton.kernels import _dsnt_bwd_kernel, _dsnt_fwd_kernel
+from dsnt_cuda.triton.backward import _dsnt_bwd_kernel
+from dsnt_cuda.triton.forward import _dsnt_fwd_kernel, _dsnt_loss_kernel
+from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
 
-_NORM_CODES = {name: code for code, name in enumerate(("softmax", "abs", "relu", "sigmoid", "none"))}
-_REG_CODES = {name: code for code, name in enumerate(("none", "js", "kl", "var"))}
-assert set(_NORM_CODES) == set(NORMALIZATIONS) and set(_REG_CODES) == set(REGULARIZERS)
-
-# Maps of up to SINGLE_BLOCK_MAX elements are reduced in registers by one block of
-# next_power_of_2(map size); larger maps loop over chunks of LOOP_BLOCK. Module attributes so
-# that tests can lower them to reach the looped path with small maps.
-SINGLE_BLOCK_MAX = 8192
-# float64 maps in registers spill heavily above this (ptxas, sm_90: ~10 KB a thread at 8192).
-SINGLE_BLOCK_MAX_FP64 = 2048
-LOOP_BLOCK = 2048
+# Launch plan knobs, module attributes so that tests can lower them (looped paths, several
+# programs per map, per-axis loops with small maps). A map whose padded tile has at most
+# SINGLE_TILE_MAX elements (float64: SINGLE_TILE_MAX_FP64) is held in registers by one program;
+# larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. The
+# backward gives each program CHUNK_TILES tiles of a map.
+SINGLE_TILE_MAX = 8192
+SINGLE_TILE_MAX_FP64 = 2048
+LOOP_TILE = 2048
+COL_BLOCK_MAX = 1024
+CHUNK_TILES = 8
 AXIS_BLOCK_MAX = 1024
+ELEMENTS_PER_THREAD = 32
+
+AXES = _AXES.value  # lanes of an axis vector: x, y, z, and the beta gradient in backward partials
+
+# Element offsets inside a map are int32 in the kernels, as in the CUDA kernels.
+MAX_MAP_SIZE = 1 << 30
 
 
 def _new_output(shape, dtype, device):
-    # Every output element is written by the kernels (tests replace this with a NaN fill).
+    # Every element is written by a kernel (the tests swap this for a NaN fill).
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _wrap(kernel):
-    # wrap_triton makes the launch visible to torch.compile; older torch refuses the
-    # interpreter's InterpretedFunction, which is then launched as is.
-    try:
-        return torch.library.wrap_triton(kernel)
-    except RuntimeError:
-        return kernel
 
 
 def _split_float(value: float):
     # Triton passes Python floats as float32: send hi + lo so that float64 kernels see ~1e-15.
-    # (struct, not a tensor: this also runs under FakeTensor tracing.)
+    # (struct, not a tensor: this also runs while torch.compile traces.)
     try:
         hi = struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:
@@ -60,248 +59,174 @@ def _split_float(value: float):
     return hi, float(value - hi)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_device(logits: torch.Tensor) -> None:
-    if logits.device.type == "cuda":
+    if logits.device.type == "cuda" or (logits.device.type == "cpu" and triton_interpreter_enabled()):
         return
-    if logits.device.type == "cpu" and triton_interpreter_enabled():
+    raise RuntimeError(f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 "
+                       f"set before triton is imported), got a tensor on {logits.device}")
+
+
+def _check_read(t, name: str, shape, device) -> None:
+    """A tensor the kernels read by index: exactly `shape`, on `device`."""
+    if t is None:
         return
-    raise RuntimeError(
-        f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before "
-        f"triton is imported), got a tensor on {logits.device}"
-    )
-
-
-# Element offsets inside a map are int32 in the kernels (with a block of slack), as in the CUDA
-# C++ kernels.
-MAX_MAP_SIZE = 1 << 30
-
-
-def _check_map_size(map_size) -> None:
-    if int(map_size) > MAX_MAP_SIZE:
-        raise ValueError(f"a map may have at most {MAX_MAP_SIZE} elements, got {int(map_size)}")
+    if tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(f"{name} must have shape {tuple(shape)} on {device}, got {tuple(t.shape)} on {t.device}")
 
 
 def _device_of(x: torch.Tensor):
-    """Triton launches on the *current* CUDA device: make it the tensors' one (a tensor on cuda:1
-    with cuda:0 current would otherwise run on the wrong GPU). Compiled code guards itself."""
+    """Triton launches on the current CUDA device: make it the tensors' one."""
     if x.is_cuda and not torch.compiler.is_compiling():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
 
 
-def _launch_config(map_size: int, dtype: torch.dtype):
-    """(SINGLE, BLOCK, num_warps) for a map of `map_size` elements of `dtype`."""
-    map_size = int(map_size)  # (a SymInt under dynamic-shape tracing: the block size specializes)
-    if map_size <= (SINGLE_BLOCK_MAX_FP64 if dtype == torch.float64 else SINGLE_BLOCK_MAX):
-        block = max(triton.next_power_of_2(map_size), 16)
-        single = True
-    else:
-        block = LOOP_BLOCK
-        single = False
-    num_warps = min(max(block // 256, 1), 16)
-    return single, block, num_warps
+class _Geometry:
+    """The contiguous logits as (B, L) maps of SIZE_Z x SIZE_Y x SIZE_X elements, and a plan."""
+
+    def __init__(self, logits: torch.Tensor):
+        _check_device(logits)
+        self.logits = logits.contiguous()
+        spatial = [int(s) for s in self.logits.shape[2:]]
+        self.ndim = len(spatial)
+        self.batch, self.keypoints = (int(s) for s in self.logits.shape[:2])
+        self.maps = self.batch * self.keypoints
+        self.sizes = tuple(spatial[::-1]) + (1,) * (3 - self.ndim)  # x, y, z
+        self.map_size = math.prod(spatial)
+        if self.map_size > MAX_MAP_SIZE:
+            raise ValueError(f"a map may have at most {MAX_MAP_SIZE} elements (int32 offsets), got {self.map_size}")
+        self.acc = torch.float64 if self.logits.dtype == torch.float64 else torch.float32
+        self.device = self.logits.device
+        self.rows = self.sizes[1] * self.sizes[2]
+        single_max = SINGLE_TILE_MAX_FP64 if self.acc == torch.float64 else SINGLE_TILE_MAX
+        cols = triton.next_power_of_2(self.sizes[0])
+        if cols * triton.next_power_of_2(self.rows) <= single_max:
+            self.block_c, self.block_r = cols, triton.next_power_of_2(self.rows)
+        else:
+            self.block_c = min(cols, COL_BLOCK_MAX, LOOP_TILE)
+            self.block_r = max(1, min(triton.next_power_of_2(self.rows), LOOP_TILE // self.block_c))
+        tile = self.block_r * self.block_c
+        self.num_warps = min(max(tile // (32 * ELEMENTS_PER_THREAD), 1), 8)
+        self.chunk_rows = self.block_r * CHUNK_TILES
+        self.chunks = triton.cdiv(self.rows, self.chunk_rows)
+        self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)
+
+    def constants(self, normalization, reg, coord_loss, normalized_coordinates):
+        return dict(NDIM=self.ndim, SIZE_X=self.sizes[0], SIZE_Y=self.sizes[1], SIZE_Z=self.sizes[2],
+                    NORM=NORMALIZATIONS[normalization], REG=REGULARIZERS[reg],
+                    COORD_LOSS=COORD_LOSSES[coord_loss], NORMALIZED=bool(normalized_coordinates),
+                    BLOCK_R=self.block_r, BLOCK_C=self.block_c, AXIS_BLOCK=self.axis_block,
+                    num_warps=self.num_warps)
+
+    def per_map(self, t, name):
+        """A per-map scalar tensor as a (B, L) view in acc (strides 0 where broadcast), or None."""
+        return None if t is None else t.to(device=self.device, dtype=self.acc).expand(self.batch, self.keypoints)
+
+    def as_acc(self, t, name, shape):
+        if t is None:
+            return None
+        _check_read(t, name, shape, self.device)
+        return t.to(self.acc).contiguous()
 
 
-def _axis_block(sizes, reg: str) -> int:
-    """Block of the per-axis loops (Gaussian target sums): the longest axis, capped; a constant
-    when there is no target (it is a constexpr: any other value would compile another kernel)."""
-    if reg not in ("js", "kl"):
-        return 16
-    return min(max(triton.next_power_of_2(int(max(sizes))), 16), AXIS_BLOCK_MAX)
+def _strides(view):
+    return (view.stride(0), view.stride(1)) if view is not None else (0, 0)
 
 
-def _geometry(logits: torch.Tensor):
-    spatial = tuple(logits.shape[2:])
-    n = len(spatial)
-    sizes = (1,) * (3 - n) + spatial  # (SD, SH, SW)
-    return n, sizes, math.prod(spatial), logits.shape[0] * logits.shape[1]
-
-
-def _launch_input(logits: torch.Tensor):
-    """What both launchers start from: the contiguous logits on a device Triton runs on, their
-    geometry (n, (SD, SH, SW), map size, maps) and the accumulation dtype."""
-    _check_device(logits)
-    x = logits.contiguous()
-    n, sizes, map_size, maps = _geometry(x)
-    _check_map_size(map_size)
-    return x, n, sizes, map_size, maps, _acc_dtype(x.dtype)
-
-
-def dsnt_fwd_triton(
-    logits: torch.Tensor,
-    target: Optional[torch.Tensor],
-    normalization: str,
-    beta: float,
-    normalized_coordinates: bool,
-    reg: str,
-    sigma_t: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(coords, variance, reg_losses, stats) of csrc/OPS.md, from one Triton kernel launch."""
-    beta, sigma_t = check_core_args(logits, target, normalization, beta, reg, sigma_t)
-    x, n, (sd, sh, sw), map_size, maps, acc = _launch_input(logits)
-    B, L = x.shape[:2]
-    coords = _new_output((B, L, n), acc, x.device)
-    variance = _new_output((B, L, n), acc, x.device)
-    reg_losses = _new_output((B, L), acc, x.device)
-    stats = _new_output((B, L, 2), acc, x.device)
-    if maps == 0:
-        return coords, variance, reg_losses, stats
-    tgt = target.to(acc).contiguous() if reg in ("js", "kl") else coords
-    single, block, num_warps = _launch_config(map_size, x.dtype)
-    with _device_of(x):
-        _wrap(_dsnt_fwd_kernel)[(maps,)](
-            x, tgt, coords, variance, reg_losses, stats,
-            map_size, sd, sh, sw,
-            *_split_float(float(beta)), *_split_float(float(sigma_t)),
-            NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
-            NORMALIZED=bool(normalized_coordinates), SINGLE=single, BLOCK=block,
-            AXIS_BLOCK=_axis_block((sd, sh, sw), reg), FP64=acc == torch.float64,
-            num_warps=num_warps,
-        )
-    return coords, variance, reg_losses, stats
-
-
-def dsnt_bwd_triton(
-    grad_coords: Optional[torch.Tensor],
-    grad_variance: Optional[torch.Tensor],
-    grad_reg_losses: Optional[torch.Tensor],
-    logits: torch.Tensor,
-    target: Optional[torch.Tensor],
-    coords: torch.Tensor,
-    variance: torch.Tensor,
-    stats: torch.Tensor,
-    normalization: str,
-    beta: float,
-    normalized_coordinates: bool,
-    reg: str,
-    sigma_t: float,
-    needs_target_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_logits, grad_target) of csrc/OPS.md, from one Triton kernel launch."""
-    check_heatmaps(logits, "logits")
-    check_option("normalization", normalization, NORMALIZATIONS)
-    check_option("reg", reg, REGULARIZERS)
-    x, n, (sd, sh, sw), map_size, maps, acc = _launch_input(logits)
-    B, L = x.shape[:2]
-    if reg in ("js", "kl") and target is None:
-        raise ValueError(f"reg={reg!r} needs target means")
-    # Without a regularizer gradient (None = zeros) the target gets nothing (a NaN map: 0, not
-    # 0 * NaN), as in the C++ kernels.
-    target_grad = bool(needs_target_grad) and reg in ("js", "kl") and grad_reg_losses is not None
-    target_dtype = target.dtype if target is not None else acc
-
-    def upstream(grad, shape, name):
-        if grad is None:
-            return torch.zeros(shape, dtype=acc, device=x.device)
-        if tuple(grad.shape) != shape or grad.device != x.device:
-            raise ValueError(f"{name} must be {shape} on {x.device}, got {tuple(grad.shape)} on {grad.device}")
-        return grad.to(acc).contiguous()
-
-    for name, saved, shape in (("coords", coords, (B, L, n)), ("variance", variance, (B, L, n)),
-                               ("stats", stats, (B, L, 2))):
-        # read raw by the kernel: a wrong shape or device would be an out-of-bounds access
-        if tuple(saved.shape) != shape or saved.device != x.device:
-            raise ValueError(f"{name} must be {shape} on {x.device}, got {tuple(saved.shape)} on {saved.device}")
-    if target is not None and reg in ("js", "kl") and (tuple(target.shape) != (B, L, n) or target.device != x.device):
-        raise ValueError(f"target must be {(B, L, n)} on {x.device}, got {tuple(target.shape)} on {target.device}")
-    gc = upstream(grad_coords, (B, L, n), "grad_coords")
-    gv = upstream(grad_variance, (B, L, n), "grad_variance")
-    gr = upstream(grad_reg_losses, (B, L), "grad_reg_losses")
-    c = coords.to(acc).contiguous()
-    v = variance.to(acc).contiguous()
-    st = stats.to(acc).contiguous()
-    grad_logits = _new_output(x.shape, x.dtype, x.device)
-    grad_target_acc = torch.zeros((B, L, n), dtype=acc, device=x.device)
-    if maps > 0:
-        # (a fresh buffer, never an input, stands in for an unused target pointer)
-        tgt = target.to(acc).contiguous() if reg in ("js", "kl") else grad_target_acc
-        single, block, num_warps = _launch_config(map_size, x.dtype)
-        with _device_of(x):
-            _wrap(_dsnt_bwd_kernel)[(maps,)](
-                gc, gv, gr, x, tgt, c, v, st, grad_logits, grad_target_acc,
-                map_size, sd, sh, sw,
+def dsnt_fwd_triton(logits, target, mask, beta_map, sigma_t_map, normalization, beta,
+                    normalized_coordinates, reg, sigma_t, coord_loss, reg_weight):
+    """(coords, variance, reg_losses, coord_losses, loss, stats) of docs/ops.md."""
+    g = _Geometry(logits)
+    per_point = (g.batch, g.keypoints, g.ndim)
+    with_loss = coord_loss != "none"
+    coords = _new_output(per_point, g.acc, g.device)
+    variance = _new_output(per_point, g.acc, g.device)
+    reg_losses = _new_output(per_point[:2], g.acc, g.device)
+    coord_losses = _new_output(per_point[:2] if with_loss else (0,), g.acc, g.device)
+    loss = _new_output(() if with_loss else (0,), g.acc, g.device)
+    stats = _new_output((g.batch, g.keypoints, _ops.STATS_BASE + g.ndim), g.acc, g.device)
+    needs_target = reg in ("js", "kl") or with_loss
+    target_acc = g.as_acc(target if needs_target else None, "target", per_point)
+    beta_view, sigma_view = g.per_map(beta_map, "beta_map"), g.per_map(sigma_t_map, "sigma_t_map")
+    with _device_of(g.logits):
+        if g.maps > 0:
+            torch.library.wrap_triton(_dsnt_fwd_kernel)[(g.maps,)](
+                g.logits, _or(target_acc, coords), _or(beta_view, coords), _or(sigma_view, coords),
+                coords, variance, reg_losses, coord_losses, stats,
+                g.keypoints, *_strides(beta_view), *_strides(sigma_view),
                 *_split_float(float(beta)), *_split_float(float(sigma_t)),
-                NDIM=n, NORM=_NORM_CODES[normalization], REG=_REG_CODES[reg],
-                NORMALIZED=bool(normalized_coordinates), TARGET_GRAD=target_grad, SINGLE=single,
-                BLOCK=block, AXIS_BLOCK=_axis_block((sd, sh, sw), reg), FP64=acc == torch.float64,
-                num_warps=num_warps,
+                HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
             )
-    return grad_logits, grad_target_acc.to(target_dtype)
+        if with_loss:
+            mask_acc = g.as_acc(mask, "mask", per_point[:2])
+            torch.library.wrap_triton(_dsnt_loss_kernel)[(1,)](
+                coord_losses, reg_losses, _or(mask_acc, reg_losses), loss, g.maps,
+                *_split_float(float(reg_weight)), HAS_MASK=mask_acc is not None, BLOCK=1024,
+            )
+    return coords, variance, reg_losses, coord_losses, loss, stats
 
 
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
+def dsnt_bwd_triton(grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
+                    logits, target, mask, beta_map, sigma_t_map, coords, variance, stats,
+                    normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss,
+                    reg_weight, needs_target_grad, needs_beta_grad):
+    """(grad_logits, grad_target, grad_beta_map) of docs/ops.md."""
+    g = _Geometry(logits)
+    per_point = (g.batch, g.keypoints, g.ndim)
+    with_loss = coord_loss != "none"
+    needs_target = reg in ("js", "kl") or with_loss
+    coords = g.as_acc(coords, "coords", per_point)
+    variance = g.as_acc(variance, "variance", per_point)
+    stats = g.as_acc(stats, "stats", (*per_point[:2], _ops.STATS_BASE + g.ndim))
+    target_acc = g.as_acc(target if needs_target else None, "target", per_point)
+    grad_coords = g.as_acc(grad_coords, "grad_coords", per_point)
+    grad_variance = g.as_acc(grad_variance, "grad_variance", per_point)
+    grad_reg_losses = g.as_acc(grad_reg_losses, "grad_reg_losses", per_point[:2])
+    grad_coord_losses = g.as_acc(grad_coord_losses if with_loss else None, "grad_coord_losses", per_point[:2])
+    grad_loss = g.as_acc(grad_loss.reshape(()) if with_loss and grad_loss is not None else None, "grad_loss", ())
+    mask_acc = g.as_acc(mask if grad_loss is not None else None, "mask", per_point[:2])
+    mask_total = mask_acc.sum().clamp(min=1) if mask_acc is not None else None
+    beta_view, sigma_view = g.per_map(beta_map, "beta_map"), g.per_map(sigma_t_map, "sigma_t_map")
+    target_grad = bool(needs_target_grad) and target_acc is not None
+    beta_grad = bool(needs_beta_grad) and beta_view is not None and normalization == "softmax"
+
+    grad_logits = _new_output(g.logits.shape, g.logits.dtype, g.device)
+    partials = _new_output((g.batch, g.keypoints, g.chunks, AXES), g.acc, g.device)
+    if g.maps > 0:
+        with _device_of(g.logits):
+            torch.library.wrap_triton(_dsnt_bwd_kernel)[(g.maps, g.chunks)](
+                _or(grad_coords, coords), _or(grad_variance, coords), _or(grad_reg_losses, coords),
+                _or(grad_coord_losses, coords), _or(grad_loss, coords),
+                g.logits, _or(target_acc, coords), _or(mask_acc, coords), _or(mask_total, coords),
+                _or(beta_view, coords), _or(sigma_view, coords),
+                coords, variance, stats, grad_logits, partials,
+                g.keypoints, g.maps, *_strides(beta_view), *_strides(sigma_view),
+                *_split_float(float(beta)), *_split_float(float(sigma_t)), *_split_float(float(reg_weight)),
+                HAS_GRAD_COORDS=grad_coords is not None, HAS_GRAD_VARIANCE=grad_variance is not None,
+                HAS_GRAD_REG=grad_reg_losses is not None, HAS_GRAD_COORD_LOSS=grad_coord_losses is not None,
+                HAS_GRAD_LOSS=grad_loss is not None, HAS_MASK=mask_acc is not None,
+                HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
+                TARGET_GRAD=target_grad, BETA_GRAD=beta_grad, CHUNK_ROWS=g.chunk_rows,
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
+            )
+    sums = partials[:, :, 0] if g.chunks == 1 else partials.sum(2)
+    target_dtype = target.dtype if target is not None else g.acc
+    grad_target = sums[..., : g.ndim].to(target_dtype).contiguous()
+    if beta_map is None:
+        grad_beta = torch.empty((0,), dtype=g.acc, device=g.device)
+    else:
+        grad_beta = sums[..., AXES - 1].sum_to_size(beta_map.shape).to(beta_map.dtype).contiguous()
+    return grad_logits, grad_target, grad_beta
 
 
-def _backward_args(ctx, grad_coords, grad_variance, grad_reg_losses):
-    logits, target, coords, variance, stats = ctx.saved_tensors
-    if not ctx.has_target:
-        target = None
-    return (grad_coords, grad_variance, grad_reg_losses, logits, target, coords, variance, stats,
-            *ctx.options, ctx.needs_input_grad[1] and ctx.has_target)
-
-
-def _save(ctx, logits, target, options, coords, variance, stats):
-    ctx.has_target = target is not None
-    ctx.options = options
-    ctx.save_for_backward(logits, target if target is not None else coords, coords, variance, stats)
-
-
-def _setup_context(ctx, inputs, output):
-    logits, target, *options = inputs
-    coords, variance, _reg_losses, stats = output
-    _save(ctx, logits, target, tuple(options), coords, variance, stats)
-
-
-def _backward(ctx, grad_coords, grad_variance, grad_reg_losses, _grad_stats):
-    grad_logits, grad_target = torch.ops.dsnt_cuda.dsnt_bwd_triton(
-        *_backward_args(ctx, grad_coords, grad_variance, grad_reg_losses)
-    )
-    return grad_logits, (grad_target if ctx.has_target else None), None, None, None, None, None
+def _or(t, fallback):
+    # A pointer the kernel never reads (its HAS_* flag is off) still needs a tensor.
+    return fallback if t is None else t
 
 
 dsnt_fwd_triton_op = torch.library.triton_op("dsnt_cuda::dsnt_fwd_triton", dsnt_fwd_triton,
-                                             mutates_args=())
+                                             mutates_args=(), schema=_ops.FWD_SCHEMA)
 dsnt_bwd_triton_op = torch.library.triton_op("dsnt_cuda::dsnt_bwd_triton", dsnt_bwd_triton,
-                                             mutates_args=())
-torch.library.register_autograd("dsnt_cuda::dsnt_fwd_triton", _backward,
-                                setup_context=_setup_context)
-
-
-class _DsntTritonFunction(torch.autograd.Function):
-    """The raw launchers under autograd: the path for CPU tensors in the Triton interpreter,
-    where the custom-op machinery (and torch.compile) has nothing to add."""
-
-    @staticmethod
-    def forward(ctx, logits, target, normalization, beta, normalized_coordinates, reg, sigma_t):
-        options = (normalization, beta, normalized_coordinates, reg, sigma_t)
-        coords, variance, reg_losses, stats = dsnt_fwd_triton(logits, target, *options)
-        _save(ctx, logits, target, options, coords, variance, stats)
-        ctx.mark_non_differentiable(stats)
-        return coords, variance, reg_losses, stats
-
-    @staticmethod
-    def backward(ctx, grad_coords, grad_variance, grad_reg_losses, _grad_stats):
-        grad_logits, grad_target = dsnt_bwd_triton(
-            *_backward_args(ctx, grad_coords, grad_variance, grad_reg_losses)
-        )
-        return grad_logits, (grad_target if ctx.has_target else None), None, None, None, None, None
-
-
-def dsnt_core_triton(logits, target, normalization, beta, normalized_coordinates, reg, sigma_t):
-    """(coords, variance, reg_losses) from the Triton kernels, differentiable in logits and target."""
-    beta, sigma_t = check_core_args(logits, target, normalization, beta, reg, sigma_t)
-    if reg not in ("js", "kl"):
-        target = None  # ignored by the kernels; no gradient flows to it
-    args = (logits, target, normalization, beta, bool(normalized_coordinates), reg, sigma_t)
-    if logits.device.type == "cuda":
-        coords, variance, reg_losses, _stats = torch.ops.dsnt_cuda.dsnt_fwd_triton(*args)
-    else:
-        _check_device(logits)
-        coords, variance, reg_losses, _stats = _DsntTritonFunction.apply(*args)
-    return coords, variance, reg_losses
+                                             mutates_args=(), schema=_ops.BWD_SCHEMA)
+_ops.register_ops("dsnt_cuda::dsnt_fwd_triton", "dsnt_cuda::dsnt_bwd_triton")

@@ -1,0 +1,450 @@
+"""The math of DSNT as Triton helpers: csrc/dsnt_math.h, function for function, same names.
+
+Units are the header's: base-2 logarithms inside the kernels (`l2p` is log2 p), natural units
+formed once per map. Per-element helpers take tiles of the accumulation dtype (float32, or
+float64 for float64 logits); the dtype picks the constants of `Precision<T>`. Per-axis and
+per-map helpers take scalars; the header's arrays over axes are `PerAxis` (x, y, z), a per-axis
+formula is one helper called per axis.
+
+Differences from the header, all for the compiler's sake: there are no references, so helpers
+return what the C++ adds to its arguments; a selection is computed on every lane (a tile has no
+warp-uniform `any` / `all`); axes a map does not have are neutral (size 1, factor 1). Float
+constants are never assigned to locals (Triton makes a float local float32) and enter
+comparisons, tl.where and tl.maximum through `splat` (there a bare literal is rounded to float32).
+"""
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+# The enums of dsnt_math.h (same values), named once; NORMALIZATIONS etc. map the op's strings.
+SOFTMAX = tl.constexpr(0)
+ABS = tl.constexpr(1)
+RELU = tl.constexpr(2)
+SIGMOID = tl.constexpr(3)
+NONE = tl.constexpr(4)
+REG_NONE = tl.constexpr(0)
+JS = tl.constexpr(1)
+KL = tl.constexpr(2)
+VAR = tl.constexpr(3)
+LOSS_NONE = tl.constexpr(0)
+EUCLIDEAN = tl.constexpr(1)
+L1 = tl.constexpr(2)
+MSE = tl.constexpr(3)
+NORMALIZATIONS = {"softmax": 0, "abs": 1, "relu": 2, "sigmoid": 3, "none": 4}
+REGULARIZERS = {"none": 0, "js": 1, "kl": 2, "var": 3}
+COORD_LOSSES = {"none": 0, "euclidean": 1, "l1": 2, "mse": 3}
+
+# Slots of `stats` (docs/ops.md): STAT_MEAN + k is ubar of axis k.
+STAT_SHIFT = tl.constexpr(0)
+STAT_DENOM = tl.constexpr(1)
+STAT_MASS = tl.constexpr(2)
+STAT_DIV_GRAD = tl.constexpr(3)
+STAT_MEAN = tl.constexpr(4)
+
+# Lanes of an axis vector (per-axis values stored at once): x, y, z and one more.
+AXES = tl.constexpr(4)
+
+LN2 = tl.constexpr(0.693147180559945309417232121458176568)
+LOG2E = tl.constexpr(1.44269504088896340735992468100189214)
+DIV_EPS = tl.constexpr(1e-24)
+LOG2_DIV_EPS = tl.constexpr(-79.726274144432671)
+SQRT_HALF_LOG2E = tl.constexpr(0.84932180028801904272150283410288961)
+
+# Precision<float> / Precision<double>.
+FAR_LOG2_F32 = tl.constexpr(24.0)
+FAR_LOG2_F64 = tl.constexpr(53.0)
+TINY_F32 = tl.constexpr(1.6777216e-17)
+TINY_F64 = tl.constexpr(9.007199254740992e-09)
+LOG2_FLOOR_F32 = tl.constexpr(-160.0)
+LOG2_FLOOR_F64 = tl.constexpr(-1100.0)
+MIN_NORMAL_F32 = tl.constexpr(1.17549435e-38)
+MIN_NORMAL_F64 = tl.constexpr(2.2250738585072014e-308)
+
+
+# Precision<T> as tensors of x's dtype: a float literal in a comparison, tl.where or
+# tl.maximum is rounded to float32 first (9e-9 would move, 2.2e-308 would become 0).
+
+
+@triton.jit
+def splat(x, VALUE: tl.constexpr):
+    return tl.full([], VALUE, x.dtype)
+
+
+@triton.jit
+def far_log2(x):
+    return splat(x, FAR_LOG2_F64 if x.dtype == tl.float64 else FAR_LOG2_F32)
+
+
+@triton.jit
+def tiny(x):
+    return splat(x, TINY_F64 if x.dtype == tl.float64 else TINY_F32)
+
+
+@triton.jit
+def log2_floor(x):
+    return splat(x, LOG2_FLOOR_F64 if x.dtype == tl.float64 else LOG2_FLOOR_F32)
+
+
+@triton.jit
+def min_normal(x):
+    return splat(x, MIN_NORMAL_F64 if x.dtype == tl.float64 else MIN_NORMAL_F32)
+
+
+# ---- Arith<V>: exp2 / log2 and NaN-aware selections -------------------------------------------
+
+
+@triton.jit
+def _log2_device(x):
+    # lg2.approx.ftz on the GPU for float32, as Arith<float> (about 2 ulp); float64 exact.
+    if x.dtype == tl.float32:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = tl.math.log2(x)
+    return y
+
+
+@triton.jit
+def _log2_host(x):
+    return tl.math.log2(x)
+
+
+# The interpreter runs no inline assembly: it takes numpy's log2 (the C++ host code's std::log2).
+log2 = _log2_host if triton.knobs.runtime.interpret else _log2_device
+
+
+@triton.jit
+def exp2(x):
+    # float32: one MUFU.EX2 (ex2.approx); float64: libdevice.
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def floor_at(x, lo):
+    # x < lo ? lo : x, keeping NaN.
+    return tl.where(x < lo, lo, x)
+
+
+@triton.jit
+def nan_max(a, b):
+    # The larger of a, b; NaN if either is NaN (a NaN logit makes its map NaN).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+# ---- grids (docs/math.md §1) -------------------------------------------------------------------
+
+
+@triton.jit
+def centred_offset(size):
+    return (size - 1) * 0.5
+
+
+class GridAffine(NamedTuple):
+    """The requested grid as v = scale * u + offset (u: centred pixels)."""
+    scale: tl.tensor
+    offset: tl.tensor
+
+
+@triton.jit
+def grid_affine(size, NORMALIZED: tl.constexpr):
+    if NORMALIZED:
+        scale = 2.0 / size
+        offset = size * 0.0
+    else:
+        scale = size * 0.0 + 1.0
+        offset = centred_offset(size)
+    return GridAffine(scale, offset)
+
+
+# ---- normalization (docs/math.md §2) -------------------------------------------------------------
+
+
+@triton.jit
+def softmax_log2_weight(z, shift, beta_log2e):
+    # beta (z - shift) log2 e, never beta z - shift (docs/ops.md, stats).
+    return (z - shift) * beta_log2e
+
+
+@triton.jit
+def rectify(z, NORM: tl.constexpr):
+    if NORM == ABS:
+        r = tl.abs(z)
+    elif NORM == RELU:
+        r = tl.where(z <= 0.0, 0.0, z)  # keeps NaN
+    else:
+        r = 1.0 / (1.0 + exp2(z * -LOG2E))
+    return r
+
+
+@triton.jit
+def rectify_grad(z, NORM: tl.constexpr):
+    # autograd's conventions at the kinks: abs'(0) = relu'(0) = 0
+    if NORM == ABS:
+        g = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0))
+    elif NORM == RELU:
+        g = tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        s = rectify(z, NORM)
+        g = s * (1.0 - s)
+    return g
+
+
+@triton.jit
+def rectified_log2(z, r, NORM: tl.constexpr):
+    if NORM == SIGMOID:
+        l2r = -log2(1.0 + exp2(z * -LOG2E))
+    else:
+        l2r = log2(r)
+    return floor_at(l2r, log2_floor(r))
+
+
+# ---- divergence terms (docs/math.md §4, §6, §7) -------------------------------------------------
+
+
+@triton.jit
+def log2_mid(p, l2p, q, l2q):
+    # log2 m, m = (p + q)/2: log2 max(p, q) - 1 where the smaller is below half an ulp of the
+    # larger ("far"), else the one real logarithm per element of JS.
+    hi = tl.maximum(l2p, l2q)
+    far = tl.abs(l2p - l2q) > far_log2(p)
+    near = log2(tl.maximum(p + q, min_normal(p)))
+    return tl.where(far, hi, near) - 1.0
+
+
+@triton.jit
+def log2_plus_eps(x, l2x):
+    # log2(x + eps): the analytic log2 x where x + eps rounds to x, a real logarithm below.
+    return tl.where(x < tiny(x), log2(x + DIV_EPS), l2x)
+
+
+@triton.jit
+def add_js_terms(p, l2p, q, l2q):
+    # The JS summand in two halves (p part, q part): value sums both, p_part the first. The
+    # caller scales once per map: reg = ln2/2 value, div_grad = ln2/2 p_part.
+    l2m = log2_mid(p, l2p, q, l2q)
+    return p * (l2p - l2m), q * (l2q - l2m)
+
+
+@triton.jit
+def add_kl_terms(p, l2p, q, l2q):
+    # reg = ln2 value, div_grad = ln2 value + sum p
+    return p * (l2p - log2_plus_eps(q, l2q))
+
+
+@triton.jit
+def js_grad_p(p, l2p, q, l2q, EXACT: tl.constexpr):
+    # dDiv/dp / (ln2/2). EXACT: dsntnn's eps form below tiny (rectified and "none" maps, whose
+    # gradient is not multiplied by p); softmax passes EXACT=False (docs/math.md §7.2).
+    l2m = log2_mid(p, l2p, q, l2q)
+    fast = l2p - l2m
+    if EXACT:
+        m = 0.5 * (p + q)
+        exact = (log2(p + DIV_EPS) - log2(m + DIV_EPS)
+                 + (p / (p + DIV_EPS) - m / (m + DIV_EPS)) * LOG2E)
+        fast = tl.where(tl.minimum(p, m) < tiny(p), exact, fast)
+    return fast
+
+
+@triton.jit
+def kl_grad_p(p, l2p, q, l2q, EXACT: tl.constexpr):
+    # dDiv/dp / ln2
+    l2q_eps = log2_plus_eps(q, l2q)
+    grad = l2p - l2q_eps + LOG2E
+    if EXACT:
+        exact = log2(p + DIV_EPS) - l2q_eps + p / (p + DIV_EPS) * LOG2E
+        grad = tl.where(p < tiny(p), exact, grad)
+    return grad
+
+
+@triton.jit
+def js_target_weight(p, l2p, q, l2q):
+    # w = (dJS/dq) q, natural units
+    return q * (l2q - log2_mid(p, l2p, q, l2q)) * (0.5 * LN2)
+
+
+@triton.jit
+def kl_target_weight(p, q):
+    return tl.where(q < tiny(q), -p * q / (q + DIV_EPS), -p)
+
+
+# ---- the separable Gaussian target (docs/math.md §4) --------------------------------------------
+
+
+@triton.jit
+def target_log2_coef(sigma_t):
+    # l2(j) = -((u(j) - m) coef)^2, coef = sqrt(log2(e) / 2) / sigma
+    return 1.0 / sigma_t * SQRT_HALF_LOG2E
+
+
+@triton.jit
+def target_centre(mu, size):
+    return mu * size * 0.5
+
+
+@triton.jit
+def target_log2_factor(u, centre, coef):
+    d = (u - centre) * coef
+    return -(d * d)  # -inf where d*d overflows: exp2 gives the 0 the factor rounds to
+
+
+class TargetAxisSums(NamedTuple):
+    """Per-axis sums of the scaled factors g~(j) = 2^(l2(j) - off)."""
+    off: tl.tensor     # max_j l2(j); -inf: every factor is 0
+    sum_g: tl.tensor   # sum_j g~(j)
+    sum_gu: tl.tensor  # sum_j g~(j) u(j)
+
+
+class TargetNorm(NamedTuple):
+    """What a map's kernels need of the target (TargetNorm<T> of the header)."""
+    log2_norm: tl.tensor      # log2(prod G_k + eps)
+    scale: tl.tensor          # 2^(sum off_k - log2_norm): q = prod g~ * scale
+    one_minus_rho: tl.tensor  # eps / (prod G + eps)
+    empty: tl.tensor          # some axis has no representable factor: q = 0
+
+
+@triton.jit
+def target_norm(x: TargetAxisSums, y: TargetAxisSums, z: TargetAxisSums):
+    # Axes a map does not have come as (off 0, sum_g 1, sum_gu 0): they change nothing.
+    empty = (x.off == -float("inf")) | (y.off == -float("inf")) | (z.off == -float("inf"))
+    log2_prod = x.off + log2(x.sum_g) + y.off + log2(y.sum_g) + z.off + log2(z.sum_g)
+    sum_off = x.off + y.off + z.off
+    # logaddexp2(log2_prod, log2 eps), without overflow; NaN stays NaN
+    log2_eps = splat(log2_prod, LOG2_DIV_EPS)
+    hi = tl.maximum(log2_prod, log2_eps)
+    lo = tl.minimum(log2_prod, log2_eps)
+    norm = tl.where(log2_prod != log2_prod, log2_prod, hi + log2(1.0 + exp2(lo - hi)))
+    norm = tl.where(empty, log2_eps, norm)
+    scale = tl.where(empty, 0.0, exp2(sum_off - norm))
+    return TargetNorm(norm, scale, exp2(-(norm - LOG2_DIV_EPS)), empty)
+
+
+@triton.jit
+def target_axis_mean(a: TargetAxisSums, norm: TargetNorm):
+    # ubar_g of one axis: the target factor's own mean (0 for an empty target)
+    return tl.where(norm.empty, 0.0, a.sum_gu / a.sum_g)
+
+
+@triton.jit
+def target_mean_grad(u, centre, ubar_g, one_minus_rho, coef_half_s2):
+    # t(j) = d log q / d mu on one axis, in the cancellation-free form (docs/math.md §6)
+    return coef_half_s2 * ((u - ubar_g) + one_minus_rho * (ubar_g - centre))
+
+
+@triton.jit
+def target_mean_grad_coef(sigma_t, size):
+    return size * 0.5 / (sigma_t * sigma_t)
+
+
+# ---- per-axis values, coordinate losses (docs/math.md §5) ---------------------------------------
+
+
+class PerAxis(NamedTuple):
+    """One value per spatial axis, x first; axes a map does not have hold 0."""
+    x: tl.tensor
+    y: tl.tensor
+    z: tl.tensor
+
+
+@triton.jit
+def _loss_term(d, KIND: tl.constexpr):
+    if KIND == L1:
+        term = tl.abs(d)
+    else:
+        term = d * d
+    return term
+
+
+@triton.jit
+def coord_loss_value(c: PerAxis, t: PerAxis, NDIM: tl.constexpr, KIND: tl.constexpr):
+    acc = _loss_term(c.x - t.x, KIND)
+    if NDIM >= 2:
+        acc += _loss_term(c.y - t.y, KIND)
+    if NDIM == 3:
+        acc += _loss_term(c.z - t.z, KIND)
+    if KIND == EUCLIDEAN:
+        value = tl.sqrt_rn(acc) if acc.dtype == tl.float32 else tl.sqrt(acc)
+    elif KIND == LOSS_NONE:
+        value = acc * 0.0
+    else:
+        value = acc / NDIM
+    return value
+
+
+@triton.jit
+def _loss_grad(d, norm, NDIM: tl.constexpr, KIND: tl.constexpr):
+    # one axis of d coord_loss / d c; euclidean's gradient at c = t is 0 (torch's), NaN stays NaN
+    if KIND == EUCLIDEAN:
+        grad = tl.where(norm > 0.0, d / tl.where(norm > 0.0, norm, 1.0), tl.where(norm != norm, norm, 0.0))
+    elif KIND == L1:
+        grad = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, tl.where(d != d, d, 0.0))) / NDIM
+    elif KIND == MSE:
+        grad = 2.0 * d / NDIM
+    else:
+        grad = d * 0.0
+    return grad
+
+
+@triton.jit
+def coord_loss_grad(c: PerAxis, t: PerAxis, NDIM: tl.constexpr, KIND: tl.constexpr):
+    norm = coord_loss_value(c, t, NDIM, KIND)
+    return PerAxis(_loss_grad(c.x - t.x, norm, NDIM, KIND), _loss_grad(c.y - t.y, norm, NDIM, KIND),
+                   _loss_grad(c.z - t.z, norm, NDIM, KIND))
+
+
+# ---- per-map gradient set-up of the backward (docs/math.md §6) -----------------------------------
+
+
+class MapUpstream(NamedTuple):
+    """gamma (coords), nu (variance), omega (regularizer), and the coordinate loss's direct
+    gradient to the target."""
+    gamma: PerAxis
+    nu: PerAxis
+    omega: tl.tensor
+    target_direct: PerAxis
+
+
+@triton.jit
+def _axis_upstream(grad_c, grad_v, dcl, g_cl, omega, variance, sigma_t, REG: tl.constexpr):
+    # (gamma, nu, direct) of one axis
+    from_loss = tl.where(g_cl != 0.0, g_cl * dcl, 0.0)  # 0 * NaN of a NaN map's loss must not leak
+    nu = grad_v
+    if REG == VAR:
+        nu = tl.where(omega != 0.0, nu + 2.0 * omega * (variance - sigma_t * sigma_t), nu)
+    return grad_c + from_loss, nu, -from_loss
+
+
+@triton.jit
+def map_upstream(grad_coords: PerAxis, grad_variance: PerAxis, grad_reg, grad_coord_loss, loss_weight,
+                 coords: PerAxis, variance: PerAxis, target: PerAxis, sigma_t, reg_weight,
+                 NDIM: tl.constexpr, REG: tl.constexpr, COORD_LOSS: tl.constexpr):
+    # Per-axis inputs are 0 on axes the map lacks and where the upstream gradient is None.
+    g_cl = grad_coord_loss + loss_weight
+    dcl = coord_loss_grad(coords, target, NDIM, COORD_LOSS)
+    omega = grad_reg + loss_weight * reg_weight
+    gx, nx, tx = _axis_upstream(grad_coords.x, grad_variance.x, dcl.x, g_cl, omega, variance.x, sigma_t, REG)
+    gy, ny, ty = _axis_upstream(grad_coords.y, grad_variance.y, dcl.y, g_cl, omega, variance.y, sigma_t, REG)
+    gz, nz, tz = _axis_upstream(grad_coords.z, grad_variance.z, dcl.z, g_cl, omega, variance.z, sigma_t, REG)
+    return MapUpstream(PerAxis(gx, gy, gz), PerAxis(nx, ny, nz), omega, PerAxis(tx, ty, tz))
+
+
+class AxisGrad(NamedTuple):
+    """The separable part of G on one axis: gamma v(j) + nu [(u - ubar)^2 - 2 u ubar (1 - P)]."""
+    gamma_scale: tl.tensor
+    gamma_offset: tl.tensor
+    nu: tl.tensor
+    ubar: tl.tensor
+    cross: tl.tensor
+
+
+@triton.jit
+def axis_grad_coefs(gamma, nu, ubar, mass, grid: GridAffine):
+    return AxisGrad(gamma * grid.scale, gamma * grid.offset, nu, ubar, 2.0 * nu * ubar * (mass - 1.0))
+
+
+@triton.jit
+def axis_grad(u, g: AxisGrad):
+    # never expanded into a polynomial in u (float32 would lose every digit far from ubar)
+    d = u - g.ubar
+    return g.gamma_scale * u + g.gamma_offset + g.nu * d * d + g.cross * u
