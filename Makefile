@@ -38,7 +38,7 @@ test-python:
 # Triton tests run here too, on CPU tensors (their dry run, as above).
 test-triton:
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests/test_triton_interpreter.py tests/test_edge_cases.py \
-		tests/test_export.py
+		tests/test_onnx_and_trace.py
 	TRITON_INTERPRET=1 DSNT_GPU_TESTS_ON=cpu $(VPY) -m pytest -q tests/test_triton_gpu.py
 
 test-cmake:

@@ -8,6 +8,8 @@ the README ("Differences from dsntnn"); extensions: `sigma_t` may also be a tens
 keypoint or per map).
 """
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ from dsnt_cuda.backends import dsnt_forward
 from dsnt_cuda.fused import PerMap, coordinates
 
 normalized_linspace = reference.normalized_linspace
+ArrayOrTensor = np.ndarray | torch.Tensor
 
 
 def flat_softmax(inp: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,9 @@ def mse_losses(actual: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return reference.mse_losses(actual, target)
 
 
-def make_gauss(means: torch.Tensor, size, sigma: PerMap, normalize: bool = True) -> torch.Tensor:
+def make_gauss(
+    means: torch.Tensor, size: Sequence[int], sigma: PerMap, normalize: bool = True
+) -> torch.Tensor:
     """Gaussians at `means` ((..., n), normalized units, x-first) on maps of `size` ((..., H, W)),
     standard deviation `sigma` in pixels (a float, or a tensor broadcastable to
     `means.shape[:-1]`); differentiable with respect to `means` (and a tensor `sigma`)."""
@@ -152,12 +157,12 @@ def _size_xyz(coords, size):
     return np.asarray(size, dtype=np.float64)[::-1]
 
 
-def normalized_to_pixel_coordinates(coords, size):
+def normalized_to_pixel_coordinates(coords: ArrayOrTensor, size: Sequence[int]) -> ArrayOrTensor:
     """Normalized (x, y, ...) -> pixel coordinates; `size` is (..., H, W). Tensors or numpy."""
     return 0.5 * ((coords + 1) * _size_xyz(coords, size) - 1)
 
 
-def pixel_to_normalized_coordinates(coords, size):
+def pixel_to_normalized_coordinates(coords: ArrayOrTensor, size: Sequence[int]) -> ArrayOrTensor:
     """Pixel (x, y, ...) -> normalized coordinates; `size` is (..., H, W). Tensors or numpy."""
     return ((2 * coords + 1) / _size_xyz(coords, size)) - 1
 

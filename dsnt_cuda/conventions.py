@@ -18,12 +18,14 @@ in tensor order ``(..., D, H, W)`` like dsntnn — the last `n` entries are used
 ``heatmaps.shape`` works as well as ``heatmaps.shape[-2:]``.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 CONVENTIONS = ("normalized", "pixel", "align_corners")
 
 
-def check_convention(name) -> str:
+def check_convention(name: object) -> str:
     if not isinstance(name, str) or name not in CONVENTIONS:
         raise ValueError(
             f"unknown coordinate convention {name!r}; expected one of {', '.join(map(repr, CONVENTIONS))}"
@@ -55,7 +57,7 @@ def _check_coords(coords) -> None:
         raise TypeError("coords must be a floating-point torch.Tensor of shape (..., n)")
 
 
-def convert_coordinates(coords: torch.Tensor, size, src: str, dst: str) -> torch.Tensor:
+def convert_coordinates(coords: torch.Tensor, size: Sequence[int], src: str, dst: str) -> torch.Tensor:
     """Map coordinates (..., n) in (x, y, z) order from convention `src` to `dst`.
 
     `size` is the heatmap size in tensor order (..., H, W). Differentiable; the result has the
@@ -76,7 +78,7 @@ def convert_coordinates(coords: torch.Tensor, size, src: str, dst: str) -> torch
     return torch.stack(per_axis, dim=-1)
 
 
-def convert_variance(variance: torch.Tensor, size, src: str, dst: str) -> torch.Tensor:
+def convert_variance(variance: torch.Tensor, size: Sequence[int], src: str, dst: str) -> torch.Tensor:
     """Map per-axis variances (..., n) between conventions' squared units (slope² scaling).
 
     `fused_dsnt(..., return_variance=True)` and `DSNT` return pixel² (``src="pixel"``).
@@ -101,32 +103,32 @@ def coordinate_grid(length: int, convention: str = "normalized", dtype=None, dev
     return (j - offset) / slope
 
 
-def normalized_to_pixel(coords, size):
+def normalized_to_pixel(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """dsntnn's normalized (pixel-centre) coordinates -> pixel indices."""
     return convert_coordinates(coords, size, "normalized", "pixel")
 
 
-def pixel_to_normalized(coords, size):
+def pixel_to_normalized(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Pixel indices -> dsntnn's normalized (pixel-centre) coordinates."""
     return convert_coordinates(coords, size, "pixel", "normalized")
 
 
-def pixel_to_align_corners(coords, size):
+def pixel_to_align_corners(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Pixel indices -> corner-aligned [-1, 1] (kornia / grid_sample(align_corners=True))."""
     return convert_coordinates(coords, size, "pixel", "align_corners")
 
 
-def align_corners_to_pixel(coords, size):
+def align_corners_to_pixel(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Corner-aligned [-1, 1] -> pixel indices."""
     return convert_coordinates(coords, size, "align_corners", "pixel")
 
 
-def normalized_to_align_corners(coords, size):
+def normalized_to_align_corners(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """dsntnn's normalized coordinates -> corner-aligned [-1, 1]."""
     return convert_coordinates(coords, size, "normalized", "align_corners")
 
 
-def align_corners_to_normalized(coords, size):
+def align_corners_to_normalized(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Corner-aligned [-1, 1] -> dsntnn's normalized coordinates."""
     return convert_coordinates(coords, size, "align_corners", "normalized")
 

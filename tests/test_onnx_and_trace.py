@@ -7,7 +7,8 @@
 - `torch.jit.trace`: the fused op is recorded (values and gradients of the traced graph equal
   eager's), except on "triton", which refuses with an error naming the alternatives.
 
-torch.export keeps the fused op in the graph (tested with AOTInductor in the C++ tests).
+torch.export keeps the fused op in the graph: it is not routed to the reference (tested below;
+AOTInductor in the C++ tests).
 Needs onnx, onnxscript (the dynamo exporter) and onnxruntime; skipped without. Each dynamo export
 costs ~3-7 s on 2 cores, a TorchScript one < 1 s.
 """
@@ -123,3 +124,13 @@ def test_jit_trace(backend):
              for fn in (traced, model)]
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not any(b != "reference" for b in CPU_BACKENDS), reason="no fused backend runs here")
+def test_torch_export_keeps_the_fused_op():
+    """Only ONNX export is routed to the reference: torch.export records the backend's op."""
+    backend = next(b for b in CPU_BACKENDS if b != "reference")
+    model = EveryEntryPoint(backend).eval()
+    exported = torch.export.export(model, _inputs())
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("dsnt_cuda" in t for t in targets), sorted(targets)
