@@ -24,7 +24,8 @@ For the tests of the public API (every backend through the same functions):
   (`dsnt_cuda.available_backends`), so cpu / cuda / triton are covered wherever they run;
 - `random_logits`, `random_heatmaps`, `random_targets`, `peaked_logits`: seeded inputs;
 - `values_and_grads(fn, *inputs)`: outputs of `fn` and the gradients of a random weighting of
-  them with respect to every floating input, the comparison unit of API tests.
+  them with respect to every floating input, the comparison unit of API tests, compared by
+  `assert_all_close` (map-shaped gradients with the per-map floor).
 """
 
 import os
@@ -339,6 +340,15 @@ def values_and_grads(fn, *inputs, seed=7):
         grads = torch.autograd.grad(sum(weighted), wanted, allow_unused=True)
     by_leaf = {id(t): (torch.zeros_like(t) if d is None else d) for t, d in zip(wanted, grads, strict=True)}
     return tuple(o.detach() for o in outputs), tuple(by_leaf.get(id(t)) for t in leaves)
+
+
+def assert_all_close(actual, expected, what: str, map_dims=()) -> None:
+    """assert_close of each pair against float64 truths (the floor rule); `map_dims[i]` > 0 for
+    the i-th pair when it is a gradient of the maps (the floor scales per map, as for the ops)."""
+    map_dims = tuple(map_dims) + (0,) * (len(actual) - len(map_dims))
+    for i, (a, e, dims) in enumerate(zip(actual, expected, map_dims, strict=True)):
+        if a is not None or e is not None:
+            assert_close(a, e, None, f"{what} [{i}]", map_dims=dims)
 
 
 def _floating(t) -> bool:

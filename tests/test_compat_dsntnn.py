@@ -33,7 +33,7 @@ def heatmaps_and_means(shape, summing, seed):
     return heatmaps, random_targets(shape[0], shape[1], len(shape) - 2, seed=seed + 100)
 
 
-def assert_matches_dsntnn(ours, theirs, inputs, dtype, what):
+def assert_matches_dsntnn(ours, theirs, inputs, dtype, what, maps_first=True):
     """Values and gradients of `ours` on `inputs` in `dtype` against dsntnn's in float64 (the
     truth), allowed twice dsntnn's own error in `dtype` (support.assert_close's rule). In float64
     dsntnn's own rounding is the budget, estimated from its float32 error."""
@@ -42,10 +42,13 @@ def assert_matches_dsntnn(ours, theirs, inputs, dtype, what):
     exact = values_and_grads(theirs, *inputs)
     baseline = values_and_grads(theirs, *(t.float() for t in inputs))
     scale = FLOAT64_BUDGET_SCALE if dtype == torch.float64 else 1.0
-    for i, (a, e, b) in enumerate(zip(got[0] + got[1], exact[0] + exact[1], baseline[0] + baseline[1],
+    values, grads = len(got[0]), got[1]
+    for i, (a, e, b) in enumerate(zip(got[0] + grads, exact[0] + exact[1], baseline[0] + baseline[1],
                                       strict=True)):
+        # the gradient of the first input (the maps) is map-shaped: the per-map floor
+        map_dims = inputs[0].dim() - 2 if maps_first and i == values else 0
         # a baseline whose error is `scale` times the float32 run's
-        assert_close(a, e, e + (b.double() - e) * scale, f"{what} [{i}]")
+        assert_close(a, e, e + (b.double() - e) * scale, f"{what} [{i}]", map_dims=map_dims)
 
 
 CASES = {
@@ -120,7 +123,8 @@ def test_make_gauss_matches_dsntnn_with_gradients(size):
         ours, theirs = (
             lambda m, lib=lib, normalize=normalize: lib.make_gauss(m, size, 1.3, normalize=normalize)
             for lib in (dsnt_cuda, dsntnn))
-        assert_matches_dsntnn(ours, theirs, (mu,), torch.float64, f"make_gauss normalize={normalize}")
+        assert_matches_dsntnn(ours, theirs, (mu,), torch.float64, f"make_gauss normalize={normalize}",
+                              maps_first=False)
 
 
 def test_linear_expectation_and_soft_argmax_match_dsntnn():
