@@ -1,7 +1,8 @@
 """A small, complete workout of the CUDA kernels for compute-sanitizer (memcheck, racecheck).
 
 Every size class (warp <= 512 < block <= 4096 < streamed), every dtype, every normalization and
-regularizer, vector and scalar (misaligned) loads, forward and backward, once each, on shapes
+regularizer (with the masked euclidean loss), vector and scalar (misaligned) loads, forward and
+backward, once each, on shapes
 small enough for the sanitizers' slowdown. Exits non-zero if an op raises or a result is not
 finite where it must be.
 
@@ -16,10 +17,10 @@ import sys
 
 import torch
 
-import dsnt_cuda  # noqa: F401  (loads the extension and registers autograd)
-from dsnt_cuda import ops
+from dsnt_cuda.backends import dsnt_forward
 
 DEV = os.environ.get("DSNT_GPU_TESTS_ON", "cuda")
+BACKEND = "cuda" if DEV == "cuda" else "cpu"  # the C++ kernels of that device, never a fallback
 SHAPES = {
     "warp": (2, 9, 16, 16),  # 18 maps: more than one 8-map block, a partial last block
     "warp-odd": (2, 3, 7, 5),
@@ -31,6 +32,14 @@ SHAPES = {
 }
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MODES = (("softmax", "js"), ("abs", "kl"), ("relu", "var"), ("sigmoid", "none"), ("none", "js"))
+
+
+def transform(z, target, normalization, reg, mask=None, reg_weight=1.0):
+    """coords, variance, reg_losses and the masked euclidean loss, forward, from the fused op."""
+    coords, var, reg_losses, _, loss = dsnt_forward(
+        z, target, mask, None, None, normalization, 1.0, True, reg, 1.0,
+        "none" if target is None else "euclidean", reg_weight, BACKEND)
+    return coords, var, reg_losses, loss
 
 
 def run(shape, dtype, normalization, reg, misaligned=False):
@@ -49,13 +58,15 @@ def run(shape, dtype, normalization, reg, misaligned=False):
     target = (torch.rand(shape[0], shape[1], n, generator=g, dtype=torch.float64) * 1.6 - 0.8).to(DEV, acc)
     z.requires_grad_(True)
     target.requires_grad_(True)
-    coords, var, reg_losses = ops.dsnt_core_op(z, target, normalization, 1.0, True, reg, 1.0)
+    mask = (torch.rand(shape[:2], generator=g) > 0.3).to(DEV)
     # small weights on the variance paths: their gradients grow like S^4 and must fit float16
-    loss = coords.sum() + 1e-6 * var.sum() + (1e-9 if reg == "var" else 1.0) * reg_losses.sum()
+    reg_weight = 1e-9 if reg == "var" else 1.0
+    coords, var, reg_losses, mean_loss = transform(z, target, normalization, reg, mask, reg_weight)
+    loss = coords.sum() + 1e-6 * var.sum() + reg_weight * reg_losses.sum() + mean_loss
     gz, gt = torch.autograd.grad(loss, [z, target], allow_unused=True)
     if DEV == "cuda":
         torch.cuda.synchronize()
-    ok = all(torch.isfinite(t).all().item() for t in (coords, var, reg_losses, gz))
+    ok = all(torch.isfinite(t).all().item() for t in (coords, var, reg_losses, mean_loss, gz))
     if gt is not None:
         ok = ok and torch.isfinite(gt).all().item()
     return ok
@@ -84,7 +95,7 @@ def main():
     for shape in ((0, 3, 16, 16), (2, 0, 100)):
         count += 1
         z = torch.randn(shape, device=DEV, requires_grad=True)
-        out = ops.dsnt_core_op(z, None, "softmax", 1.0, True, "var", 1.0)
+        out = transform(z, None, "softmax", "var")
         (out[0].sum() + out[1].sum()).backward()
     if DEV == "cuda":
         torch.cuda.synchronize()
