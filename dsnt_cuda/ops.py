@@ -2,10 +2,11 @@
 
 C++ registers the schemas and the CPU / CUDA kernels of `dsnt_cuda::dsnt_fwd` / `dsnt_bwd`; the
 Triton backend registers `dsnt_cuda::dsnt_fwd_triton` / `dsnt_bwd_triton` with the same schemas.
-`register_op_pair` gives a pair its fake kernels (so `torch.compile`, `torch.export` and
-`torch.library.opcheck` can trace it) and its autograd: the forward's backward is the pair's
-backward op. Nothing of heatmap size is saved: the logits, the small inputs and the per-map
-outputs coords / variance / stats.
+`register_ops` gives a pair its fake kernels (so `torch.compile`, `torch.export` and
+`torch.library.opcheck` can trace it) and, through `register_op_pair`, its autograd: the
+forward's backward is the pair's backward op, one registration for every backend. Nothing of
+heatmap size is saved: the logits, the small inputs and the per-map outputs coords / variance /
+stats.
 """
 
 import torch
