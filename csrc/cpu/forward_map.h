@@ -148,15 +148,16 @@ struct Moments {
 // that stats keep (the backward's variance gradient assumes it).
 template <typename T>
 inline Moments<T> axis_moments(const T* m, const T* u, int64_t S, T pre, T scaled_denom) {
-  double s1 = 0;
-  for (int64_t j = 0; j < S; ++j) s1 += static_cast<double>(m[j] * pre) * u[j];
-  const T ubar = static_cast<T>(s1 / scaled_denom);
-  double s2 = 0;
+  // four independent sums: a chain of dependent double adds would set the pace
+  double s1[4] = {0, 0, 0, 0};
+  for (int64_t j = 0; j < S; ++j) s1[j & 3] += static_cast<double>(m[j] * pre) * u[j];
+  const T ubar = static_cast<T>((s1[0] + s1[1] + s1[2] + s1[3]) / scaled_denom);
+  double s2[4] = {0, 0, 0, 0};
   for (int64_t j = 0; j < S; ++j) {
     const double d = static_cast<double>(u[j]) - ubar;
-    s2 += static_cast<double>(m[j] * pre) * d * d;
+    s2[j & 3] += static_cast<double>(m[j] * pre) * d * d;
   }
-  return {ubar, static_cast<T>(s2 / scaled_denom)};
+  return {ubar, static_cast<T>((s2[0] + s2[1] + s2[2] + s2[3]) / scaled_denom)};
 }
 
 // Pass 4: sums of add_js_terms (kJS) or add_kl_terms over the map, log2 units.
