@@ -41,7 +41,8 @@ enum class DivTerm { None, JS, KL };
 // beta_grad: accumulate sum_i (z_i - shift) dLoss/dz_i (softmax).
 template <DivTerm kDiv, typename T, typename Prob>
 inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T omega_scaled,
-                          bool target_grad, bool beta_grad, T shift, T* gz, PassSums<T>& sums) {
+                          bool target_grad, bool beta_grad, T shift, T* gz, PassSums<T>& out_sums) {
+  PassSums<T> sums;  // a local: the stores to gz cannot alias it
   const Axes<T>& ax = ws.axes;
   const TargetTables<T>& tt = ws.target;
   const int64_t W = ax.width;
@@ -98,6 +99,7 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
       sums.target[2] = sums.target[2] + Vec<T>(ws.mean_grads.axis[2][zi]) * row_w;
     }
   });
+  out_sums = sums;
 }
 
 // R_k = sum_i p_i (u_k - ubar_k) for every axis, from one pass over the map: the variance's
