@@ -56,7 +56,7 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
     const Vec<T> row_grad(ws.grads.row[r]);
     const T* zr = z + r * W;
     T* gr = gz + r * W;
-    Vec<T> row_l2q(T(0)), row_q(T(0)), row_w(T(0));
+    Vec<T> row_l2q(T(0)), row_q(T(0)), row_w(T(0)), row_wt(T(0)), row_beta(T(0));
     if constexpr (kDiv != DivTerm::None) {
       row_l2q = Vec<T>(tt.row_target_log2[r]);
       row_q = Vec<T>(tt.row_target_factor[r]);
@@ -77,14 +77,14 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
           g = g + vomega * js_grad_p(p, l2p, q, l2q, Prob::kExact);
           if (target_grad) {
             const Vec<T> w = js_target_weight(p, l2p, q, l2q);
-            sums.target[0] = sums.target[0] + w * load_part(tx + x, n, T(0));
+            row_wt = row_wt + w * load_part(tx + x, n, T(0));
             row_w = row_w + w;
           }
         } else {
           g = g + vomega * kl_grad_p(p, l2p, q, l2q, Prob::kExact);
           if (target_grad) {
             const Vec<T> w = kl_target_weight(p, q);
-            sums.target[0] = sums.target[0] + w * load_part(tx + x, n, T(0));
+            row_wt = row_wt + w * load_part(tx + x, n, T(0));
             row_w = row_w + w;
           }
         }
@@ -92,9 +92,12 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
       const Vec<T> dz = prob.grad_logit(zv, p, g);
       dz.store(gr + x, n);
       // (z - shift) dz; z = -inf has dz = 0 and must add 0, not -inf * 0
-      if (beta_grad) sums.beta = sums.beta + zero_tail(at::vec::clamp_min(zv - vshift, lowest) * dz, n);
+      if (beta_grad) row_beta = row_beta + zero_tail(at::vec::clamp_min(zv - vshift, lowest) * dz, n);
     });
+    // per row, then over the rows (see kBlockRows)
+    sums.beta = sums.beta + row_beta;
     if (target_grad) {
+      sums.target[0] = sums.target[0] + row_wt;
       sums.target[1] = sums.target[1] + Vec<T>(ws.mean_grads.axis[1][y]) * row_w;
       sums.target[2] = sums.target[2] + Vec<T>(ws.mean_grads.axis[2][zi]) * row_w;
     }
