@@ -26,11 +26,14 @@ struct MapGrads {
   T* grad_beta;    // or null
 };
 
-// What the element pass accumulates besides dLoss/dz (vectors, summed once per map).
+// What the element pass accumulates besides dLoss/dz (vectors, summed once per map). The
+// constructor is written out: g++ compiles an implicit one without the AVX2 unit's target
+// pragma, out of line, called through the PLT.
 template <typename T>
 struct PassSums {
-  Vec<T> target[kMaxSpatialDims] = {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
-  Vec<T> beta = Vec<T>(T(0));
+  Vec<T> target[kMaxSpatialDims];
+  Vec<T> beta;
+  PassSums() : target{Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}, beta(T(0)) {}
 };
 
 // Which divergence the element pass adds (none when the regularizer has no upstream gradient).

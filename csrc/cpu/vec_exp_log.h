@@ -19,12 +19,6 @@
 #error "define DSNT_CPU_NS (the namespace of this instruction-set build) before including vec_exp_log.h"
 #endif
 
-// Everything of a build's namespace is hidden: its functions are called directly (no PLT), and
-// the two builds cannot interpose each other's symbols.
-namespace dsnt_cuda::cpu {
-namespace __attribute__((visibility("hidden"))) DSNT_CPU_NS {}
-}  // namespace dsnt_cuda::cpu
-
 namespace dsnt_cuda::cpu::DSNT_CPU_NS {
 
 template <typename T>
