@@ -1,11 +1,11 @@
 """The built extension runs on any x86-64 CPU: AVX2 code only where a CPU check guards it.
 
-csrc/cpu/dsnt_kernel_avx2.cpp compiles the CPU kernels for AVX2 + FMA with `#pragma GCC target`
+csrc/cpu/dsnt_cpu_kernels_avx2.cpp compiles the CPU kernels for AVX2 + FMA with `#pragma GCC target`
 while every other unit is portable. Inline functions that several units instantiate (std::vector,
 c10 helpers, ...) are merged by the linker into one copy; if the AVX2 unit's copy won, portable
 code would execute AVX2 instructions and die with SIGILL on a CPU without AVX2. This disassembles
 the extension and checks that VEX instructions (AVX / AVX2 / FMA, any `v...` mnemonic or ymm
-register) occur only in the AVX2 namespace and in `kernels_avx2()`, which dsnt_kernel.cpp calls
+register) occur only in the AVX2 namespace and in `kernels_avx2()`, which dsnt_cpu_host.cpp calls
 only after the CPU check.
 """
 

@@ -26,11 +26,14 @@ struct MapGrads {
   T* grad_beta;    // or null
 };
 
-// What the element pass accumulates besides dLoss/dz (vectors, summed once per map).
+// What the element pass accumulates besides dLoss/dz (vectors, summed once per map). The
+// constructor is written out: g++ compiles an implicit one without the AVX2 unit's target
+// pragma, out of line, called through the PLT.
 template <typename T>
 struct PassSums {
-  Vec<T> target[kMaxSpatialDims] = {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
-  Vec<T> beta = Vec<T>(T(0));
+  Vec<T> target[kMaxSpatialDims];
+  Vec<T> beta;
+  PassSums() : target{Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))}, beta(T(0)) {}
 };
 
 // Which divergence the element pass adds (none when the regularizer has no upstream gradient).
@@ -41,7 +44,8 @@ enum class DivTerm { None, JS, KL };
 // beta_grad: accumulate sum_i (z_i - shift) dLoss/dz_i (softmax).
 template <DivTerm kDiv, typename T, typename Prob>
 inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T omega_scaled,
-                          bool target_grad, bool beta_grad, T shift, T* gz, PassSums<T>& sums) {
+                          bool target_grad, bool beta_grad, T shift, T* gz, PassSums<T>& out_sums) {
+  PassSums<T> sums;  // a local: the stores to gz cannot alias it
   const Axes<T>& ax = ws.axes;
   const TargetTables<T>& tt = ws.target;
   const int64_t W = ax.width;
@@ -55,7 +59,7 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
     const Vec<T> row_grad(ws.grads.row[r]);
     const T* zr = z + r * W;
     T* gr = gz + r * W;
-    Vec<T> row_l2q(T(0)), row_q(T(0)), row_w(T(0));
+    Vec<T> row_l2q(T(0)), row_q(T(0)), row_w(T(0)), row_wt(T(0)), row_beta(T(0));
     if constexpr (kDiv != DivTerm::None) {
       row_l2q = Vec<T>(tt.row_target_log2[r]);
       row_q = Vec<T>(tt.row_target_factor[r]);
@@ -76,14 +80,14 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
           g = g + vomega * js_grad_p(p, l2p, q, l2q, Prob::kExact);
           if (target_grad) {
             const Vec<T> w = js_target_weight(p, l2p, q, l2q);
-            sums.target[0] = sums.target[0] + w * load_part(tx + x, n, T(0));
+            row_wt = row_wt + w * load_part(tx + x, n, T(0));
             row_w = row_w + w;
           }
         } else {
           g = g + vomega * kl_grad_p(p, l2p, q, l2q, Prob::kExact);
           if (target_grad) {
             const Vec<T> w = kl_target_weight(p, q);
-            sums.target[0] = sums.target[0] + w * load_part(tx + x, n, T(0));
+            row_wt = row_wt + w * load_part(tx + x, n, T(0));
             row_w = row_w + w;
           }
         }
@@ -91,13 +95,17 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
       const Vec<T> dz = prob.grad_logit(zv, p, g);
       dz.store(gr + x, n);
       // (z - shift) dz; z = -inf has dz = 0 and must add 0, not -inf * 0
-      if (beta_grad) sums.beta = sums.beta + zero_tail(at::vec::clamp_min(zv - vshift, lowest) * dz, n);
+      if (beta_grad) row_beta = row_beta + zero_tail(at::vec::clamp_min(zv - vshift, lowest) * dz, n);
     });
+    // per row, then over the rows (see kBlockRows)
+    sums.beta = sums.beta + row_beta;
     if (target_grad) {
+      sums.target[0] = sums.target[0] + row_wt;
       sums.target[1] = sums.target[1] + Vec<T>(ws.mean_grads.axis[1][y]) * row_w;
       sums.target[2] = sums.target[2] + Vec<T>(ws.mean_grads.axis[2][zi]) * row_w;
     }
   });
+  out_sums = sums;
 }
 
 // R_k = sum_i p_i (u_k - ubar_k) for every axis, from one pass over the map: the variance's

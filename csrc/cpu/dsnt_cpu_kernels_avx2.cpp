@@ -5,11 +5,26 @@
 // CPU with AVX2 and FMA.
 #include "cpu/avx2_target.h"
 
+// External headers first, then the kernels with hidden visibility: their functions are called
+// directly (not through the PLT) and stay out of the library's symbol table. (The pragma must not
+// cover a first inclusion of torch's headers: their functions would be declared hidden too.)
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
 #include "cpu/kernel_args.h"
 
 #ifdef DSNT_HAVE_AVX2_BUILD
 #define DSNT_CPU_NS avx2
+#pragma GCC visibility push(hidden)
 #include "cpu/kernels.h"
+#pragma GCC visibility pop
 #undef DSNT_CPU_NS
 
 namespace dsnt_cuda::cpu {

@@ -148,18 +148,20 @@ struct Moments {
 // that stats keep (the backward's variance gradient assumes it).
 template <typename T>
 inline Moments<T> axis_moments(const T* m, const T* u, int64_t S, T pre, T scaled_denom) {
-  double s1 = 0;
-  for (int64_t j = 0; j < S; ++j) s1 += static_cast<double>(m[j] * pre) * u[j];
-  const T ubar = static_cast<T>(s1 / scaled_denom);
-  double s2 = 0;
+  // four independent sums: a chain of dependent double adds would set the pace
+  double s1[4] = {0, 0, 0, 0};
+  for (int64_t j = 0; j < S; ++j) s1[j & 3] += static_cast<double>(m[j] * pre) * u[j];
+  const T ubar = static_cast<T>((s1[0] + s1[1] + s1[2] + s1[3]) / scaled_denom);
+  double s2[4] = {0, 0, 0, 0};
   for (int64_t j = 0; j < S; ++j) {
     const double d = static_cast<double>(u[j]) - ubar;
-    s2 += static_cast<double>(m[j] * pre) * d * d;
+    s2[j & 3] += static_cast<double>(m[j] * pre) * d * d;
   }
-  return {ubar, static_cast<T>(s2 / scaled_denom)};
+  return {ubar, static_cast<T>((s2[0] + s2[1] + s2[2] + s2[3]) / scaled_denom)};
 }
 
-// Pass 4: sums of add_js_terms (kJS) or add_kl_terms over the map, log2 units.
+// Pass 4: sums of add_js_terms (kJS) or add_kl_terms over the map, log2 units; per row, then
+// over the rows (see kBlockRows).
 template <bool kJS, typename T, typename Prob>
 inline void divergence_sums(const T* z, const T* weights, const Prob prob, const Workspace<T>& ws,
                             T& value_sum, T& p_part_sum) {
@@ -168,11 +170,12 @@ inline void divergence_sums(const T* z, const T* weights, const Prob prob, const
   const T* lx = tt.target_log2[0].data();
   const T* fx = tt.target_factor[0].data();
   const int64_t W = ax.width;
-  Vec<T> value(T(0)), p_part(T(0));
+  Vec<T> map_value(T(0)), map_p_part(T(0));
   for (int64_t r = 0; r < ax.rows; ++r) {
     const Vec<T> row_l2q(tt.row_target_log2[r]), row_q(tt.row_target_factor[r]);
     const T* zr = z + r * W;
     const T* wr = weights + r * W;
+    Vec<T> value(T(0)), p_part(T(0));
     for_each_vector<T>(W, [&](int64_t x, int64_t n) DSNT_INLINE_LAMBDA {
       const Vec<T> zv = load_part(zr + x, n, T(0)), wv = load_part(wr + x, n, T(0));
       const Vec<T> p = zero_tail(prob.prob(zv, wv), n);
@@ -185,9 +188,11 @@ inline void divergence_sums(const T* z, const T* weights, const Prob prob, const
         add_kl_terms(p, l2p, q, l2q, value);
       }
     });
+    map_value = map_value + value;
+    map_p_part = map_p_part + p_part;
   }
-  value_sum = hsum(value);
-  p_part_sum = hsum(p_part);
+  value_sum = hsum(map_value);
+  p_part_sum = hsum(map_p_part);
 }
 
 template <typename T>

@@ -128,11 +128,11 @@ struct TargetTables {
     for (int k = 0; k < ax.dims; ++k) {
       const T centre = dsnt_cuda::target_centre(mu[k], ax.size[k]);
       target_centre[k] = centre;
-      double sum_g = 0, sum_gu = 0;
+      T sum_g = 0, sum_g_offset = 0;
       const T off = axis_factors(ax.u[k].data(), ax.size[k], centre, target_log2_coef(sigma_t),
-                                 target_log2[k].data(), target_factor[k].data(), sum_g, sum_gu);
-      sums[k] = {off, static_cast<T>(sum_g), static_cast<T>(sum_gu)};
-      ubar_g[k] = sum_gu / sum_g;
+                                 target_log2[k].data(), target_factor[k].data(), sum_g, sum_g_offset);
+      ubar_g[k] = static_cast<double>(centre) + static_cast<double>(sum_g_offset) / sum_g;
+      sums[k] = {off, sum_g, static_cast<T>(ubar_g[k] * sum_g)};
       empty = empty || off == -std::numeric_limits<T>::infinity();
     }
     norm = target_norm(sums, ax.dims);
@@ -152,10 +152,11 @@ struct TargetTables {
   }
 
  private:
-  // One axis: the log2 factors, the scaled factors and their sums; returns off = the largest
-  // log2 factor.
-  static T axis_factors(const T* u, int64_t S, T centre, T coef, T* log2f, T* factor, double& sum_g,
-                        double& sum_gu) {
+  // One axis: the log2 factors, the scaled factors, their sum and sum g (u - centre) (small
+  // terms of both signs: ubar_g - centre to float accuracy however large u is); returns off, the
+  // largest log2 factor.
+  static T axis_factors(const T* u, int64_t S, T centre, T coef, T* log2f, T* factor, T& sum_g,
+                        T& sum_g_offset) {
     constexpr T kInf = std::numeric_limits<T>::infinity();
     const Vec<T> vc(centre), vcoef(coef);
     Vec<T> vmax(-kInf);
@@ -167,13 +168,15 @@ struct TargetTables {
     const T off = hmax(vmax);
     // Every factor 0 (off = -inf): exp2(-inf - 0) = 0, not exp2(NaN).
     const Vec<T> voff(off == -kInf ? T(0) : off);
+    Vec<T> vsum(T(0)), vsum_offset(T(0));
     for_each_vector<T>(S, [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
-      Arith<Vec<T>>::exp2(load_part(log2f + j, n, T(0)) - voff).store(factor + j, n);
+      const Vec<T> g = zero_tail(Arith<Vec<T>>::exp2(load_part(log2f + j, n, T(0)) - voff), n);
+      g.store(factor + j, n);
+      vsum = vsum + g;
+      vsum_offset = vsum_offset + g * (load_part(u + j, n, T(0)) - vc);
     });
-    for (int64_t j = 0; j < S; ++j) {
-      sum_g += factor[j];
-      sum_gu += static_cast<double>(factor[j]) * u[j];
-    }
+    sum_g = hsum(vsum);
+    sum_g_offset = hsum(vsum_offset);
     return off;
   }
 };

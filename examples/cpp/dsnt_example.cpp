@@ -9,10 +9,11 @@
 #include <optional>
 #include <tuple>
 
-using DsntFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor& logits, const std::optional<at::Tensor>& target,
-    c10::string_view normalization, double beta, bool normalized_coordinates, c10::string_view reg,
-    double sigma_t);
+using OptTensor = std::optional<at::Tensor>;
+using DsntFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& logits, const OptTensor& target, const OptTensor& mask, const OptTensor& beta_map,
+    const OptTensor& sigma_t_map, c10::string_view normalization, double beta, bool normalized_coordinates,
+    c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight);
 
 int main() {
   auto dsnt_fwd = c10::Dispatcher::singleton()
@@ -23,8 +24,9 @@ int main() {
   logits.index_put_({at::indexing::Slice(), at::indexing::Slice(), 2, 5}, 8.0);
   at::Tensor target = at::zeros({2, 3, 2});  // normalized units, (x, y)
 
-  auto [coords, variance, js, stats] =
-      dsnt_fwd.call(logits, target, "softmax", 1.0, /*normalized_coordinates=*/false, "js", 1.0);
+  auto [coords, variance, js, coord_losses, loss, stats] =
+      dsnt_fwd.call(logits, target, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.0,
+                    /*normalized_coordinates=*/false, "js", 1.0, "none", 0.0);
 
   const float x = coords[0][0][0].item<float>(), y = coords[0][0][1].item<float>();
   std::printf("coords (px) of map 0: x = %.4f, y = %.4f, variance = (%.2e, %.2e) px^2, JS = %.4f\n",
