@@ -70,34 +70,39 @@ class _Recorder:
         return Launch()
 
 
-def record_launches(direction, shape, dtype, normalization, reg):
-    """The kernel launches of one op call on meta tensors: the training configuration
-    (euclidean loss, upstream gradient of the loss only) for softmax + JS, plain coordinates
-    and regularizer (upstream gradients of coords and reg_losses) otherwise."""
+def recorded(call):
+    """The kernel launches `call()` makes (on meta tensors) instead of running them."""
     recorder = _Recorder()
     saved = torch.library.wrap_triton, ops._check_device
     torch.library.wrap_triton, ops._check_device = recorder, lambda logits: None
     try:
-        meta = dict(device="meta")
-        b, l, n = shape[0], shape[1], len(shape) - 2
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        logits = torch.empty(shape, dtype=dtype, **meta)
-        target = torch.empty((b, l, n), dtype=acc, **meta)
-        training = normalization == "softmax" and reg == "js"
-        coord_loss = "euclidean" if training else "none"
-        options = (normalization, 1.0, True, reg, 1.0, coord_loss, 1.0)
-        outs = ops.dsnt_fwd_triton(logits, target, None, None, None, *options)
-        if direction == "backward":
-            recorder.launches.clear()
-            per_point = torch.empty((b, l, n), dtype=acc, **meta)
-            per_map = torch.empty((b, l), dtype=acc, **meta)
-            grads = (None, None, None, None, torch.empty((), dtype=acc, **meta)) if training else (
-                per_point, None, per_map if reg != "none" else None, None, None)
-            ops.dsnt_bwd_triton(*grads, logits, target, None, None, None, outs[0], outs[1], outs[5],
-                                *options, False, False)
+        call()
     finally:
         torch.library.wrap_triton, ops._check_device = saved
     return recorder.launches
+
+
+def record_launches(direction, shape, dtype, normalization, reg):
+    """The kernel launches of one op call on meta tensors: the training configuration
+    (euclidean loss, upstream gradient of the loss only) for softmax + JS, plain coordinates
+    and regularizer (upstream gradients of coords and reg_losses) otherwise."""
+    meta = dict(device="meta")
+    b, l, n = shape[0], shape[1], len(shape) - 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = torch.empty(shape, dtype=dtype, **meta)
+    target = torch.empty((b, l, n), dtype=acc, **meta)
+    training = normalization == "softmax" and reg == "js"
+    options = (normalization, 1.0, True, reg, 1.0, "euclidean" if training else "none", 1.0)
+    outs = []
+    launches = recorded(lambda: outs.extend(ops.dsnt_fwd_triton(logits, target, None, None, None, *options)))
+    if direction == "forward":
+        return launches
+    per_point = torch.empty((b, l, n), dtype=acc, **meta)
+    per_map = torch.empty((b, l), dtype=acc, **meta)
+    grads = (None, None, None, None, torch.empty((), dtype=acc, **meta)) if training else (
+        per_point, None, per_map if reg != "none" else None, None, None)
+    return recorded(lambda: ops.dsnt_bwd_triton(*grads, logits, target, None, None, None, outs[0], outs[1],
+                                                outs[5], *options, False, False))
 
 
 def compile_launch(kernel, args, kwargs):

@@ -12,6 +12,7 @@
 
 Backends: "cpu" (the compiled CPU kernels), "cuda" and "triton" on a GPU; under
 TRITON_INTERPRET=1 (make test-triton) only "triton", on CPU tensors. Unreachable ones skip.
+Each runs its op pair (docs/ops.md) through the autograd of dsnt_cuda.ops.
 """
 
 import importlib.util
@@ -22,7 +23,6 @@ import pytest
 import torch
 
 from dsnt_cuda import _extension, reference
-from dsnt_cuda.dispatch import dsnt_core
 from map_inputs import peaked_logits
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,11 +52,26 @@ def backend_device(backend):
 BACKENDS = ("cpu", "cuda", "triton")
 
 
+def forward_op(backend):
+    """The backend's forward op (autograd registered by dsnt_cuda.ops)."""
+    if backend == "triton":
+        import dsnt_cuda.triton  # noqa: F401  (registers the Triton ops)
+
+        return torch.ops.dsnt_cuda.dsnt_fwd_triton
+    return torch.ops.dsnt_cuda.dsnt_fwd
+
+
+def core(backend, z, target, normalization, reg, beta=1.0):
+    """(coords, variance, reg_losses) of the backend's op (docs/ops.md), differentiable."""
+    outs = forward_op(backend)(z, target, None, None, None, normalization, beta, True, reg, 1.0, "none", 0.0)
+    return outs[:3]
+
+
 def run(backend, device, z, target, normalization, reg, upstream_seed=0, beta=1.0):
     """(coords, variance, reg_losses) and dLoss/dz of a fixed random upstream gradient."""
     z = z.to(device).requires_grad_(True)
     target = target.to(device)
-    outs = dsnt_core(z, target, normalization, beta, True, reg, 1.0, backend)
+    outs = core(backend, z, target, normalization, reg, beta)
     g = torch.Generator().manual_seed(upstream_seed)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
     (grad,) = torch.autograd.grad(loss, z)
@@ -174,7 +189,7 @@ def test_kl_with_the_target_outside_the_map(backend, target_x):
     target = torch.tensor([target_x, 0.1]).expand(2, 3, 2).contiguous()
     zz = z.to(device).requires_grad_(True)
     tt = target.to(device).requires_grad_(True)
-    coords, _, reg_losses = dsnt_core(zz, tt, "softmax", 1.0, True, "kl", 1.0, backend)
+    coords, _, reg_losses = core(backend, zz, tt, "softmax", "kl")
     g = torch.Generator().manual_seed(1)
     up_c, up_r = torch.randn(2, 3, 2, generator=g), torch.randn(2, 3, generator=g)
     gz, gt = torch.autograd.grad((coords * up_c.to(device)).sum() + (reg_losses * up_r.to(device)).sum(), [zz, tt])
@@ -195,16 +210,14 @@ def test_nan_map_leaves_what_does_not_depend_on_it(backend):
     z[0, 0, 2, 3] = math.nan
     target = random_target(1, 2, 2).to(device)
     z = z.to(device)
-    if backend == "triton":
-        from dsnt_cuda.triton import ops as triton_ops
-
-        fwd, bwd = triton_ops.dsnt_fwd_triton, triton_ops.dsnt_bwd_triton
-    else:
-        fwd, bwd = torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
-    _, _, reg_losses, _ = fwd(z, target, "softmax", 1.0, True, "none", 1.0)
+    fwd = forward_op(backend)
+    bwd = torch.ops.dsnt_cuda.dsnt_bwd_triton if backend == "triton" else torch.ops.dsnt_cuda.dsnt_bwd
+    options = ("softmax", 1.0, True, "none", 1.0, "none", 0.0)
+    reg_losses = fwd(z, target, None, None, None, *options)[2]
     assert (reg_losses.cpu() == 0).all(), f"{backend}: {reg_losses}"
-    options = ("softmax", 1.0, True, "js", 1.0)
-    coords, variance, _, stats = fwd(z, target, *options)
+    options = ("softmax", 1.0, True, "js", 1.0, "none", 0.0)
+    coords, variance, _, _, _, stats = fwd(z, target, None, None, None, *options)
     grad_coords = torch.ones_like(coords)
-    _, grad_target = bwd(grad_coords, None, None, z, target, coords, variance, stats, *options, True)
+    _, grad_target, _ = bwd(grad_coords, None, None, None, None, z, target, None, None, None, coords, variance,
+                            stats, *options, True, False)
     assert (grad_target.cpu() == 0).all(), f"{backend}: {grad_target}"

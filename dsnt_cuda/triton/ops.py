@@ -106,7 +106,8 @@ class _Geometry:
             self.block_c = min(cols, COL_BLOCK_MAX, LOOP_TILE)
             self.block_r = max(1, min(triton.next_power_of_2(self.rows), LOOP_TILE // self.block_c))
         tile = self.block_r * self.block_c
-        self.num_warps = min(max(tile // (32 * ELEMENTS_PER_THREAD), 1), 8)
+        per_thread = ELEMENTS_PER_THREAD // (4 if self.acc == torch.float64 else 1)  # registers
+        self.num_warps = min(max(tile // (32 * per_thread), 1), 8)
         self.chunk_rows = self.block_r * CHUNK_TILES
         self.chunks = triton.cdiv(self.rows, self.chunk_rows)
         self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)

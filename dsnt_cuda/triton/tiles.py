@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from dsnt_cuda.triton.math import (
-    AXES, PerAxis, TargetAxisSums, TargetNorm, centred_offset, exp2, log2_floor, target_axis_mean,
-    target_centre, target_log2_coef, target_log2_factor, target_norm,
+    AXES, PerAxis, TargetAxisSums, TargetNorm, centred_offset, exp2, log2_floor, nan_max,
+    target_axis_mean, target_centre, target_log2_coef, target_log2_factor, target_norm,
 )
 
 
@@ -68,7 +68,7 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def sum2(a, b):
+def _sum2_device(a, b):
     # two sums of 1-D tensors in one reduction (one exchange between warps instead of two)
     return tl.reduce((a, b), 0, _add2)
 
@@ -79,12 +79,31 @@ def _sum2_all_device(a, b):
 
 
 @triton.jit
+def _max_all_device(x):
+    return tl.reduce(x, None, nan_max)
+
+
+@triton.jit
+def _sum2_host(a, b):
+    return tl.sum(a, axis=0), tl.sum(b, axis=0)
+
+
+@triton.jit
 def _sum2_all_host(a, b):
     return tl.sum(a), tl.sum(b)
 
 
-# sum2 over every axis of a tile; the interpreter cannot reduce a tuple over all axes at once
-sum2_all = _sum2_all_host if triton.knobs.runtime.interpret else _sum2_all_device
+@triton.jit
+def _max_all_host(x):
+    return tl.max(x) + tl.sum(tl.where(x != x, x, 0.0))  # numpy's max skips NaN
+
+
+# The interpreter runs a reduction with a jitted combine function element by element in Python:
+# there, the same sums through numpy.
+_HOST = triton.knobs.runtime.interpret
+sum2 = _sum2_host if _HOST else _sum2_device
+sum2_all = _sum2_all_host if _HOST else _sum2_all_device
+max_all = _max_all_host if _HOST else _max_all_device  # the largest element, NaN if any is NaN
 
 
 class Marginals(NamedTuple):
