@@ -9,7 +9,9 @@ and measured:
   has no element loop, so its whole kernel body counts, divided by the elements a thread holds;
   otherwise the element loops are the innermost loops (a backward branch and its target) that
   load the logits, and their instructions are divided by the elements a thread handles per
-  iteration (the looped forward has two such loops, one per pass over the map);
+  iteration (the looped forward has two such loops, one per pass over the map). Elements are
+  the map's: the lanes of a power-of-two tile beyond the map (a 48-wide map in 64-wide tiles)
+  count as overhead;
 - `MUFU.*` among those instructions, per element;
 - registers and spill bytes from `ptxas -v`, and CTAs resident per SM on an H100 / H200 (64K
   registers, 64 warps, 32 CTAs, 227 KiB of shared memory per SM).
@@ -177,11 +179,19 @@ def ctas_per_sm(regs, num_warps, shared):
     return max(0, min(32, 64 // num_warps, by_regs, by_smem))
 
 
+def real_fraction(kwargs):
+    """The share of a tile's lanes inside the map (tiles are powers of two, maps need not be)."""
+    rows, cols = kwargs["SIZE_Y"] * kwargs["SIZE_Z"], kwargs["SIZE_X"]
+    return (rows / (triton.cdiv(rows, kwargs["BLOCK_R"]) * kwargs["BLOCK_R"])
+            * cols / (triton.cdiv(cols, kwargs["BLOCK_C"]) * kwargs["BLOCK_C"]))
+
+
 def measure(kernel, args, kwargs, tiles_per_program):
     compiled = compile_launch(kernel, args, kwargs)
     sass = instructions(compiled.asm["cubin"])
     num_warps = kwargs["num_warps"]
-    per_thread = kwargs["BLOCK_R"] * kwargs["BLOCK_C"] / (32 * num_warps)
+    # per element of the map: padding lanes are work too
+    per_thread = kwargs["BLOCK_R"] * kwargs["BLOCK_C"] * real_fraction(kwargs) / (32 * num_warps)
     if tiles_per_program == 1:
         body = [t for _, t in sass]
     else:

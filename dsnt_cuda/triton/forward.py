@@ -19,7 +19,7 @@ from dsnt_cuda.triton.math import (
 )
 from dsnt_cuda.triton.tiles import (
     MapTile, add_axes, load_axes, load_tile, map_tile, marginals, max_all, per_map_scalar, scale_axes,
-    second_moments, shift_base, store_axes, sum2_all, target_q, target_setup, target_tile,
+    second_moments, shift_base, store_axes, target_q, target_setup, target_tile,
     total_and_first_moments,
 )
 
@@ -75,7 +75,7 @@ def tile_divergence(z, e, tile: MapTile, n: Normalizer, target, NDIM: tl.constex
     q, l2q = target_q(target_tile(target, tile, NDIM))
     if REG == JS:
         tp, tq = add_js_terms(p, l2p, q, l2q)
-        sums = sum2_all(tp, tq)
+        sums = tl.sum(tp), tl.sum(tq)
     else:
         sums = tl.sum(add_kl_terms(p, l2p, q, l2q)), tl.zeros([], p.dtype)
     return sums

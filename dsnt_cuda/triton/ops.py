@@ -28,15 +28,20 @@ from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, R
 # Launch plan knobs, module attributes so that tests can lower them (looped paths, several
 # programs per map, per-axis loops with small maps). A map whose padded tile has at most
 # SINGLE_TILE_MAX elements (float64: SINGLE_TILE_MAX_FP64) is held in registers by one program;
-# larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. The
-# backward gives each program CHUNK_TILES tiles of a map.
+# larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. A thread
+# holds PER_THREAD elements of a tile (float64: a quarter), the forward's single tile
+# FORWARD_SINGLE_PER_THREAD: its per-map set-up and reductions are paid once per thread, so more
+# elements a thread cost fewer instructions an element, as long as they fit sm_90's 255 registers
+# (the backward's target and beta gradients do not at 64). The backward gives each program
+# CHUNK_TILES tiles of a map.
 SINGLE_TILE_MAX = 8192
 SINGLE_TILE_MAX_FP64 = 2048
 LOOP_TILE = 2048
 COL_BLOCK_MAX = 1024
+PER_THREAD = 32
+FORWARD_SINGLE_PER_THREAD = 64
 CHUNK_TILES = 8
 AXIS_BLOCK_MAX = 1024
-ELEMENTS_PER_THREAD = 32
 
 AXES = _AXES.value  # lanes of an axis vector: x, y, z, and the beta gradient in backward partials
 
@@ -98,26 +103,29 @@ class _Geometry:
         self.acc = torch.float64 if self.logits.dtype == torch.float64 else torch.float32
         self.device = self.logits.device
         self.rows = self.sizes[1] * self.sizes[2]
-        single_max = SINGLE_TILE_MAX_FP64 if self.acc == torch.float64 else SINGLE_TILE_MAX
+        fp64 = self.acc == torch.float64
         cols = triton.next_power_of_2(self.sizes[0])
-        if cols * triton.next_power_of_2(self.rows) <= single_max:
+        self.single = cols * triton.next_power_of_2(self.rows) <= (SINGLE_TILE_MAX_FP64 if fp64 else SINGLE_TILE_MAX)
+        if self.single:
             self.block_c, self.block_r = cols, triton.next_power_of_2(self.rows)
         else:
             self.block_c = min(cols, COL_BLOCK_MAX, LOOP_TILE)
             self.block_r = max(1, min(triton.next_power_of_2(self.rows), LOOP_TILE // self.block_c))
-        tile = self.block_r * self.block_c
-        per_thread = ELEMENTS_PER_THREAD // (4 if self.acc == torch.float64 else 1)  # registers
-        self.num_warps = min(max(tile // (32 * per_thread), 1), 8)
         self.chunk_rows = self.block_r * CHUNK_TILES
         self.chunks = triton.cdiv(self.rows, self.chunk_rows)
         self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)
 
-    def constants(self, normalization, reg, coord_loss, normalized_coordinates):
+    def num_warps(self, forward: bool) -> int:
+        per_thread = FORWARD_SINGLE_PER_THREAD if forward and self.single else PER_THREAD
+        per_thread //= 4 if self.acc == torch.float64 else 1
+        return min(max(self.block_r * self.block_c // (32 * per_thread), 1), 8)
+
+    def constants(self, normalization, reg, coord_loss, normalized_coordinates, forward: bool):
         return dict(NDIM=self.ndim, SIZE_X=self.sizes[0], SIZE_Y=self.sizes[1], SIZE_Z=self.sizes[2],
                     NORM=NORMALIZATIONS[normalization], REG=REGULARIZERS[reg],
                     COORD_LOSS=COORD_LOSSES[coord_loss], NORMALIZED=bool(normalized_coordinates),
                     BLOCK_R=self.block_r, BLOCK_C=self.block_c, AXIS_BLOCK=self.axis_block,
-                    num_warps=self.num_warps)
+                    num_warps=self.num_warps(forward))
 
     def per_map(self, t, name):
         """A per-map scalar tensor as a (B, L) view in acc (strides 0 where broadcast), or None."""
@@ -157,7 +165,7 @@ def dsnt_fwd_triton(logits, target, mask, beta_map, sigma_t_map, normalization, 
                 g.keypoints, *_strides(beta_view), *_strides(sigma_view),
                 *_split_float(float(beta)), *_split_float(float(sigma_t)),
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates, forward=True),
             )
         if with_loss:
             mask_acc = g.as_acc(mask, "mask", per_point[:2])
@@ -209,7 +217,7 @@ def dsnt_bwd_triton(grad_coords, grad_variance, grad_reg_losses, grad_coord_loss
                 HAS_GRAD_LOSS=grad_loss is not None, HAS_MASK=mask_acc is not None,
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
                 TARGET_GRAD=target_grad, BETA_GRAD=beta_grad, CHUNK_ROWS=g.chunk_rows,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates, forward=False),
             )
     sums = partials[:, :, 0] if g.chunks == 1 else partials.sum(2)
     target_dtype = target.dtype if target is not None else g.acc

@@ -74,11 +74,6 @@ def _sum2_device(a, b):
 
 
 @triton.jit
-def _sum2_all_device(a, b):
-    return tl.reduce((a, b), None, _add2)
-
-
-@triton.jit
 def _max_all_device(x):
     return tl.reduce(x, None, nan_max)
 
@@ -86,11 +81,6 @@ def _max_all_device(x):
 @triton.jit
 def _sum2_host(a, b):
     return tl.sum(a, axis=0), tl.sum(b, axis=0)
-
-
-@triton.jit
-def _sum2_all_host(a, b):
-    return tl.sum(a), tl.sum(b)
 
 
 @triton.jit
@@ -102,7 +92,6 @@ def _max_all_host(x):
 # there, the same sums through numpy.
 _HOST = triton.knobs.runtime.interpret
 sum2 = _sum2_host if _HOST else _sum2_device
-sum2_all = _sum2_all_host if _HOST else _sum2_all_device
 max_all = _max_all_host if _HOST else _max_all_device  # the largest element, NaN if any is NaN
 
 
