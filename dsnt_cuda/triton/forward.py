@@ -12,10 +12,11 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dsnt_cuda.triton.map_math import coord_loss_value
 from dsnt_cuda.triton.math import (
     JS, KL, LN2, LOSS_NONE, NONE, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS, STAT_MEAN,
-    STAT_SHIFT, VAR, PerAxis, add_js_terms, add_kl_terms, coord_loss_value, exp2, floor_at,
-    grid_affine, log2, log2_floor, nan_max, rectified_log2, rectify, softmax_log2_weight,
+    STAT_SHIFT, VAR, PerAxis, add_js_terms, add_kl_terms, exp2, floor_at, grid_affine, log2,
+    log2_floor, nan_max, rectified_log2, rectify, softmax_log2_weight,
 )
 from dsnt_cuda.triton.tiles import (
     MapTile, add_axes, load_axes, load_tile, map_tile, marginals, max_all, per_map_scalar, scale_axes,

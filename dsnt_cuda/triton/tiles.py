@@ -12,10 +12,11 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from dsnt_cuda.triton.math import (
-    AXES, PerAxis, TargetAxisSums, TargetNorm, centred_offset, exp2, log2_floor, nan_max,
-    target_axis_mean, target_centre, target_log2_coef, target_log2_factor, target_norm,
+from dsnt_cuda.triton.map_math import (
+    TargetAxisSums, TargetNorm, target_axis_mean, target_centre, target_log2_coef, target_log2_factor,
+    target_norm,
 )
+from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, nan_max
 
 
 class MapTile(NamedTuple):
