@@ -111,7 +111,8 @@ class _Geometry:
         else:
             self.block_c = min(cols, COL_BLOCK_MAX, LOOP_TILE)
             self.block_r = max(1, min(triton.next_power_of_2(self.rows), LOOP_TILE // self.block_c))
-        self.chunk_rows = self.block_r * CHUNK_TILES
+        # (a grid's second dimension holds at most 65535 programs)
+        self.chunk_rows = self.block_r * max(CHUNK_TILES, triton.cdiv(self.rows, 65535 * self.block_r))
         self.chunks = triton.cdiv(self.rows, self.chunk_rows)
         self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)
 
@@ -129,7 +130,16 @@ class _Geometry:
 
     def per_map(self, t, name):
         """A per-map scalar tensor as a (B, L) view in acc (strides 0 where broadcast), or None."""
-        return None if t is None else t.to(device=self.device, dtype=self.acc).expand(self.batch, self.keypoints)
+        if t is None:
+            return None
+        if t.device != self.device or t.dim() > 2:
+            raise ValueError(f"{name} must be broadcastable to (B, L) on {self.device}, got {tuple(t.shape)} "
+                             f"on {t.device}")
+        try:
+            return t.to(self.acc).expand(self.batch, self.keypoints)
+        except RuntimeError as error:
+            raise ValueError(f"{name} must be broadcastable to (B, L) = ({self.batch}, {self.keypoints}), "
+                             f"got {tuple(t.shape)}") from error
 
     def as_acc(self, t, name, shape):
         if t is None:
