@@ -214,11 +214,12 @@ def rectified_log2(z, r, NORM: tl.constexpr):
 @triton.jit
 def log2_mid(p, l2p, q, l2q):
     # log2 m, m = (p + q)/2: log2 max(p, q) - 1 where the smaller is below half an ulp of the
-    # larger ("far"), else the one real logarithm per element of JS.
+    # larger ("far"), else the one real logarithm per element of JS. q comes from target_q, which
+    # carries the smallest normal number: p + q needs no clamp before the logarithm (the header's
+    # floor_at(p + q, kMinNormal), one instruction an element; the 1e-38 is far below any eps).
     hi = tl.maximum(l2p, l2q)
     far = tl.abs(l2p - l2q) > far_log2(p)
-    near = log2(tl.maximum(p + q, min_normal(p)))
-    return tl.where(far, hi, near) - 1.0
+    return tl.where(far, hi, log2(p + q)) - 1.0
 
 
 @triton.jit

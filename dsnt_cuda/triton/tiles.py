@@ -16,7 +16,7 @@ from dsnt_cuda.triton.map_math import (
     TargetAxisSums, TargetNorm, target_axis_mean, target_centre, target_log2_coef, target_log2_factor,
     target_norm,
 )
-from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, nan_max
+from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, min_normal, nan_max
 
 
 class MapTile(NamedTuple):
@@ -289,5 +289,7 @@ def target_tile(t: Target, tile: MapTile, NDIM: tl.constexpr):
 
 @triton.jit
 def target_q(tt: TargetTile):
-    # (q, log2 q) of the tile's elements
-    return tt.g_col[None, :] * tt.g_row[:, None], tt.l2_col[None, :] + tt.l2_row[:, None]
+    # (q, log2 q) of the tile's elements; q + the smallest normal number, so that log2_mid's
+    # log2(p + q) is finite without a clamp
+    q = tt.g_col[None, :] * tt.g_row[:, None] + min_normal(tt.g_col)
+    return q, tt.l2_col[None, :] + tt.l2_row[:, None]
