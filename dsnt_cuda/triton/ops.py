@@ -7,6 +7,11 @@
   `torch.library.triton_op`s with the C++ ops' schemas; fake kernels and autograd come from
   `dsnt_cuda.ops.register_ops`, as for every backend.
 
+In the interpreter (CPU tensors) the registered ops run eagerly as on a GPU, autograd included:
+the triton_op calls the launcher, whose kernels the interpreter runs. What traces a triton_op
+into its launcher on fake tensors (torch.compile, opcheck's aot_dispatch) needs a GPU: there the
+launch is recorded, in the interpreter it would run on tensors without data.
+
 Inputs are validated by the Python API (and the C++ ops check theirs); these launchers check
 only what would make a kernel read out of bounds: the device, the map size (int32 offsets), and
 the shapes and devices of every tensor a kernel reads by index.
@@ -20,7 +25,6 @@ import torch
 import triton
 
 from dsnt_cuda import ops as _ops
-from dsnt_cuda.backends import triton_interpreter_enabled
 from dsnt_cuda.triton.backward import _dsnt_bwd_kernel
 from dsnt_cuda.triton.forward import _dsnt_fwd_kernel, _dsnt_loss_kernel
 from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
@@ -65,7 +69,7 @@ def _split_float(value: float):
 
 
 def _check_device(logits: torch.Tensor) -> None:
-    if logits.device.type == "cuda" or (logits.device.type == "cpu" and triton_interpreter_enabled()):
+    if logits.device.type == "cuda" or (logits.device.type == "cpu" and triton.knobs.runtime.interpret):
         return
     raise RuntimeError(f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 "
                        f"set before triton is imported), got a tensor on {logits.device}")
