@@ -32,9 +32,11 @@ LOSS_NONE = tl.constexpr(0)
 EUCLIDEAN = tl.constexpr(1)
 L1 = tl.constexpr(2)
 MSE = tl.constexpr(3)
-NORMALIZATIONS = {"softmax": 0, "abs": 1, "relu": 2, "sigmoid": 3, "none": 4}
-REGULARIZERS = {"none": 0, "js": 1, "kl": 2, "var": 3}
-COORD_LOSSES = {"none": 0, "euclidean": 1, "l1": 2, "mse": 3}
+NORMALIZATIONS = {name: mode.value for name, mode in (
+    ("softmax", SOFTMAX), ("abs", ABS), ("relu", RELU), ("sigmoid", SIGMOID), ("none", NONE))}
+REGULARIZERS = {name: mode.value for name, mode in (("none", REG_NONE), ("js", JS), ("kl", KL), ("var", VAR))}
+COORD_LOSSES = {name: mode.value for name, mode in (
+    ("none", LOSS_NONE), ("euclidean", EUCLIDEAN), ("l1", L1), ("mse", MSE))}
 
 # Slots of `stats` (docs/ops.md): STAT_MEAN + k is ubar of axis k.
 STAT_SHIFT = tl.constexpr(0)
