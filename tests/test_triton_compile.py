@@ -4,8 +4,9 @@ The interpreter runs the kernels' Python and forgives what the compiler does not
 through loops, float constants, scalar specialization of sizes equal to 1): here the launchers run
 on meta tensors, their launches are recorded (scripts/sass_triton.py) and compiled as Triton's
 JIT would specialize them, for a covering set of variants: every normalization, regularizer,
-coordinate loss and dtype, 1-3-D, single-tile and looped plans, the per-map tensors and the
-target / beta gradients. About a minute (a few seconds per kernel).
+coordinate loss and dtype, 1-3-D, single-tile and looped plans (64 and 32 elements a thread),
+the per-map tensors, with and without the target / beta gradients. About a minute (a few
+seconds per kernel).
 """
 
 import os
@@ -24,17 +25,18 @@ import sass_triton  # noqa: E402
 from dsnt_cuda.triton import ops  # noqa: E402
 from support import make_case  # noqa: E402
 
-VARIANTS = [  # shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind, mask
-    ((4, 16, 64, 64), torch.float32, "softmax", "js", "euclidean", "map", "keypoint", True),
-    ((2, 3, 64, 64, 64), torch.bfloat16, "softmax", "js", "mse", "float", "float", False),
-    ((2, 3, 32, 48), torch.float64, "relu", "kl", "l1", "scalar", "float", True),
-    ((2, 3, 20000), torch.float16, "sigmoid", "var", "none", "float", "map", False),
-    ((2, 3, 100, 3000), torch.float32, "abs", "none", "none", "float", "float", False),
-    ((2, 3, 8, 9, 10), torch.float32, "none", "js", "euclidean", "float", "float", False),
+VARIANTS = [  # shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind, mask, input grads
+    ((4, 16, 64, 64), torch.float32, "softmax", "js", "euclidean", "map", "keypoint", True, True),
+    ((4, 16, 64, 48), torch.float32, "softmax", "js", "euclidean", "map", "float", False, False),
+    ((2, 3, 64, 64, 64), torch.bfloat16, "softmax", "js", "mse", "float", "float", False, True),
+    ((2, 3, 32, 48), torch.float64, "relu", "kl", "l1", "scalar", "float", True, True),
+    ((2, 3, 20000), torch.float16, "sigmoid", "var", "none", "float", "map", False, True),
+    ((2, 3, 100, 3000), torch.float32, "abs", "none", "none", "float", "float", False, True),
+    ((2, 3, 8, 9, 10), torch.float32, "none", "js", "euclidean", "float", "float", False, True),
 ]
 
 
-def launches(shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind, mask):
+def launches(shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind, mask, input_grads):
     case = make_case(shape[:2] + (1,) * (len(shape) - 2), normalization, reg, dtype=dtype,
                      coord_loss=coord_loss, beta_kind=beta_kind, sigma_kind=sigma_kind, mask=mask)
     case = case.to("meta")
@@ -45,7 +47,7 @@ def launches(shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind
     recorded += sass_triton.recorded(lambda: ops.dsnt_bwd_triton(
         up["grad_coords"], up["grad_variance"], up["grad_reg_losses"], up["grad_coord_losses"],
         up["grad_loss"], case.logits, case.target, case.mask, case.beta_map, case.sigma_t_map,
-        outs[0], outs[1], outs[5], *case.options(), True, True))
+        outs[0], outs[1], outs[5], *case.options(), input_grads, input_grads))
     return recorded
 
 

@@ -33,17 +33,16 @@ from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, R
 # programs per map, per-axis loops with small maps). A map whose padded tile has at most
 # SINGLE_TILE_MAX elements (float64: SINGLE_TILE_MAX_FP64) is held in registers by one program;
 # larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. A thread
-# holds PER_THREAD elements of a tile (float64: a quarter), the forward's single tile
-# FORWARD_SINGLE_PER_THREAD: its per-map set-up and reductions are paid once per thread, so more
-# elements a thread cost fewer instructions an element, as long as they fit sm_90's 255 registers
-# (the backward's target and beta gradients do not at 64). The backward gives each program
-# CHUNK_TILES tiles of a map.
+# holds PER_THREAD elements of a tile (float64: a quarter), of a single tile WIDE_PER_THREAD: the
+# per-map set-up and reductions are paid once per thread, so more elements a thread cost fewer
+# instructions an element, as long as they fit sm_90's 255 registers (the backward's target and
+# beta gradient sums do not at 64). The backward gives each program CHUNK_TILES tiles of a map.
 SINGLE_TILE_MAX = 8192
 SINGLE_TILE_MAX_FP64 = 2048
 LOOP_TILE = 2048
 COL_BLOCK_MAX = 1024
 PER_THREAD = 32
-FORWARD_SINGLE_PER_THREAD = 64
+WIDE_PER_THREAD = 64
 CHUNK_TILES = 8
 AXIS_BLOCK_MAX = 1024
 
@@ -120,17 +119,19 @@ class _Geometry:
         self.chunks = triton.cdiv(self.rows, self.chunk_rows)
         self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)
 
-    def num_warps(self, forward: bool) -> int:
-        per_thread = FORWARD_SINGLE_PER_THREAD if forward and self.single else PER_THREAD
-        per_thread //= 4 if self.acc == torch.float64 else 1
+    def num_warps(self, wide: bool) -> int:
+        if self.acc == torch.float64:
+            per_thread = PER_THREAD // 4
+        else:
+            per_thread = WIDE_PER_THREAD if wide and self.single else PER_THREAD
         return min(max(self.block_r * self.block_c // (32 * per_thread), 1), 8)
 
-    def constants(self, normalization, reg, coord_loss, normalized_coordinates, forward: bool):
+    def constants(self, normalization, reg, coord_loss, normalized_coordinates, wide: bool):
         return dict(NDIM=self.ndim, SIZE_X=self.sizes[0], SIZE_Y=self.sizes[1], SIZE_Z=self.sizes[2],
                     NORM=NORMALIZATIONS[normalization], REG=REGULARIZERS[reg],
                     COORD_LOSS=COORD_LOSSES[coord_loss], NORMALIZED=bool(normalized_coordinates),
                     BLOCK_R=self.block_r, BLOCK_C=self.block_c, AXIS_BLOCK=self.axis_block,
-                    num_warps=self.num_warps(forward))
+                    num_warps=self.num_warps(wide))
 
     def per_map(self, t, name):
         """A per-map scalar tensor as a (B, L) view in acc (strides 0 where broadcast), or None."""
@@ -179,7 +180,7 @@ def dsnt_fwd_triton(logits, target, mask, beta_map, sigma_t_map, normalization, 
                 g.keypoints, *_strides(beta_view), *_strides(sigma_view),
                 *_split_float(float(beta)), *_split_float(float(sigma_t)),
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates, forward=True),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates, wide=True),
             )
         if with_loss:
             mask_acc = g.as_acc(mask, "mask", per_point[:2])
@@ -231,7 +232,8 @@ def dsnt_bwd_triton(grad_coords, grad_variance, grad_reg_losses, grad_coord_loss
                 HAS_GRAD_LOSS=grad_loss is not None, HAS_MASK=mask_acc is not None,
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
                 TARGET_GRAD=target_grad, BETA_GRAD=beta_grad, CHUNK_ROWS=g.chunk_rows,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates, forward=False),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates,
+                              wide=not (target_grad or beta_grad)),
             )
     sums = partials[:, :, 0] if g.chunks == 1 else partials.sum(2)
     target_dtype = target.dtype if target is not None else g.acc

@@ -36,14 +36,20 @@ def map_tile(row0, col0, SIZE_X: tl.constexpr, SIZE_Y: tl.constexpr, SIZE_Z: tl.
     cols = col0 + tl.arange(0, BLOCK_C)
     row_valid = rows < SIZE_Y * SIZE_Z
     col_valid = cols < SIZE_X
+    if SIZE_Z == 1:  # a row is a y (no division, even by a constant)
+        y = rows
+        z = rows * 0
+    else:
+        y = rows % SIZE_Y
+        z = rows // SIZE_Y
     return MapTile(
         rows[:, None] * SIZE_X + cols[None, :],
         row_valid[:, None] & col_valid[None, :],
         col_valid,
         row_valid,
         cols.to(ACC) - centred_offset(SIZE_X),
-        (rows % SIZE_Y).to(ACC) - centred_offset(SIZE_Y),
-        (rows // SIZE_Y).to(ACC) - centred_offset(SIZE_Z),
+        y.to(ACC) - centred_offset(SIZE_Y),
+        z.to(ACC) - centred_offset(SIZE_Z),
     )
 
 
