@@ -39,7 +39,7 @@ from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, R
 # beta gradient sums do not at 64). The backward gives each program CHUNK_TILES tiles of a map.
 SINGLE_TILE_MAX = 8192
 SINGLE_TILE_MAX_FP64 = 2048
-LOOP_TILE = 2048
+LOOP_TILE = 4096
 COL_BLOCK_MAX = 1024
 PER_THREAD = 32
 WIDE_PER_THREAD = 64
