@@ -9,14 +9,19 @@ and measured:
   has no element loop, so its whole kernel body counts, divided by the elements a thread holds;
   otherwise the element loops are the innermost loops (a backward branch and its target) that
   load the logits, and their instructions are divided by the elements a thread handles per
-  iteration (the looped forward has two such loops, one per pass over the map);
+  iteration (the looped forward has two such loops, one per pass over the map). Elements are
+  the map's: the lanes of a power-of-two tile beyond the map (a 48-wide map in 64-wide tiles)
+  count as overhead;
 - `MUFU.*` among those instructions, per element;
 - registers and spill bytes from `ptxas -v`, and CTAs resident per SM on an H100 / H200 (64K
   registers, 64 warps, 32 CTAs, 227 KiB of shared memory per SM).
 
-Prints CSV rows (`--csv PATH` also writes them): backend,kernel,dtype,direction,size_class,
-normalization,reg,sass_per_element,mufu_per_element,registers,spills,ctas_per_sm. size_class is
-"<plan>:<benchmark shape>", plan "single" (one tile in registers) or "looped".
+Prints CSV (a header line unless --no-header, then rows; `--csv PATH` also writes them):
+backend,kernel,dtype,direction,size_class,normalization,reg,sass_per_element,mufu_per_element,
+registers,spills,ctas_per_sm. size_class is "<plan>:<benchmark shape>", plan "single" (the map
+in registers, one tile) or "looped". The forward rows are the training configuration for softmax
++ JS (euclidean loss; its backward with only the loss's gradient, no target / beta gradient) and
+plain coordinates + regularizer otherwise. About a minute of compiling per 20 rows.
 """
 
 import argparse
@@ -70,34 +75,39 @@ class _Recorder:
         return Launch()
 
 
-def record_launches(direction, shape, dtype, normalization, reg):
-    """The kernel launches of one op call on meta tensors: the training configuration
-    (euclidean loss, upstream gradient of the loss only) for softmax + JS, plain coordinates
-    and regularizer (upstream gradients of coords and reg_losses) otherwise."""
+def recorded(call):
+    """The kernel launches `call()` makes (on meta tensors) instead of running them."""
     recorder = _Recorder()
     saved = torch.library.wrap_triton, ops._check_device
     torch.library.wrap_triton, ops._check_device = recorder, lambda logits: None
     try:
-        meta = dict(device="meta")
-        b, l, n = shape[0], shape[1], len(shape) - 2
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        logits = torch.empty(shape, dtype=dtype, **meta)
-        target = torch.empty((b, l, n), dtype=acc, **meta)
-        training = normalization == "softmax" and reg == "js"
-        coord_loss = "euclidean" if training else "none"
-        options = (normalization, 1.0, True, reg, 1.0, coord_loss, 1.0)
-        outs = ops.dsnt_fwd_triton(logits, target, None, None, None, *options)
-        if direction == "backward":
-            recorder.launches.clear()
-            per_point = torch.empty((b, l, n), dtype=acc, **meta)
-            per_map = torch.empty((b, l), dtype=acc, **meta)
-            grads = (None, None, None, None, torch.empty((), dtype=acc, **meta)) if training else (
-                per_point, None, per_map if reg != "none" else None, None, None)
-            ops.dsnt_bwd_triton(*grads, logits, target, None, None, None, outs[0], outs[1], outs[5],
-                                *options, False, False)
+        call()
     finally:
         torch.library.wrap_triton, ops._check_device = saved
     return recorder.launches
+
+
+def record_launches(direction, shape, dtype, normalization, reg):
+    """The kernel launches of one op call on meta tensors: the training configuration
+    (euclidean loss, upstream gradient of the loss only) for softmax + JS, plain coordinates
+    and regularizer (upstream gradients of coords and reg_losses) otherwise."""
+    meta = dict(device="meta")
+    b, l, n = shape[0], shape[1], len(shape) - 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = torch.empty(shape, dtype=dtype, **meta)
+    target = torch.empty((b, l, n), dtype=acc, **meta)
+    training = normalization == "softmax" and reg == "js"
+    options = (normalization, 1.0, True, reg, 1.0, "euclidean" if training else "none", 1.0)
+    outs = []
+    launches = recorded(lambda: outs.extend(ops.dsnt_fwd_triton(logits, target, None, None, None, *options)))
+    if direction == "forward":
+        return launches
+    per_point = torch.empty((b, l, n), dtype=acc, **meta)
+    per_map = torch.empty((b, l), dtype=acc, **meta)
+    grads = (None, None, None, None, torch.empty((), dtype=acc, **meta)) if training else (
+        per_point, None, per_map if reg != "none" else None, None, None)
+    return recorded(lambda: ops.dsnt_bwd_triton(*grads, logits, target, None, None, None, outs[0], outs[1],
+                                                outs[5], *options, False, False))
 
 
 def compile_launch(kernel, args, kwargs):
@@ -172,11 +182,19 @@ def ctas_per_sm(regs, num_warps, shared):
     return max(0, min(32, 64 // num_warps, by_regs, by_smem))
 
 
+def real_fraction(kwargs):
+    """The share of a tile's lanes inside the map (tiles are powers of two, maps need not be)."""
+    rows, cols = kwargs["SIZE_Y"] * kwargs["SIZE_Z"], kwargs["SIZE_X"]
+    return (rows / (triton.cdiv(rows, kwargs["BLOCK_R"]) * kwargs["BLOCK_R"])
+            * cols / (triton.cdiv(cols, kwargs["BLOCK_C"]) * kwargs["BLOCK_C"]))
+
+
 def measure(kernel, args, kwargs, tiles_per_program):
     compiled = compile_launch(kernel, args, kwargs)
     sass = instructions(compiled.asm["cubin"])
     num_warps = kwargs["num_warps"]
-    per_thread = kwargs["BLOCK_R"] * kwargs["BLOCK_C"] / (32 * num_warps)
+    # per element of the map: padding lanes are work too
+    per_thread = kwargs["BLOCK_R"] * kwargs["BLOCK_C"] * real_fraction(kwargs) / (32 * num_warps)
     if tiles_per_program == 1:
         body = [t for _, t in sass]
     else:
@@ -225,13 +243,15 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--combos-size", default="pose2d",
                         help="the shape of the other normalization x reg rows ('' for none)")
+    parser.add_argument("--no-header", action="store_true", help="rows only on stdout (to append them)")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     configs = benchmark_configs(args.sizes.split(","), dtypes, args.combos_size)
     if not args.combos_size:
         configs = [c for c in configs if c[3:] == ("softmax", "js")]
     writer = csv.DictWriter(sys.stdout, COLUMNS)
-    writer.writeheader()
+    if not args.no_header:
+        writer.writeheader()
     out = []
     for row in rows(configs):
         writer.writerow(row)

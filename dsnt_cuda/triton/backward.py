@@ -13,12 +13,14 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dsnt_cuda.triton.map_math import (
+    AxisGrad, axis_grad, axis_grad_coefs, map_upstream, target_mean_grad, target_mean_grad_coef,
+)
 from dsnt_cuda.triton.math import (
-    AXES, JS, KL, LN2, LOSS_NONE, NONE, RELU, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS, STAT_MEAN,
-    STAT_SHIFT, AxisGrad, PerAxis, axis_grad, axis_grad_coefs, exp2, floor_at, grid_affine,
-    js_grad_p, js_target_weight, kl_grad_p, kl_target_weight, log2, log2_floor, map_upstream,
-    rectified_log2, rectify, rectify_grad, softmax_log2_weight, target_mean_grad,
-    target_mean_grad_coef,
+    AXES, JS, KL, LN2, LOSS_NONE, NONE, RELU, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS,
+    STAT_MEAN, STAT_SHIFT, PerAxis, exp2, floor_at, grid_affine, js_grad_p, js_target_weight,
+    kl_grad_p, kl_target_weight, log2, log2_floor, rectified_log2, rectify, rectify_grad,
+    softmax_log2_weight,
 )
 from dsnt_cuda.triton.tiles import (
     MapTile, Target, add_axes, axis_sums, load_axes, load_tile, map_tile, marginals,

@@ -12,14 +12,15 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dsnt_cuda.triton.map_math import coord_loss_value
 from dsnt_cuda.triton.math import (
     JS, KL, LN2, LOSS_NONE, NONE, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS, STAT_MEAN,
-    STAT_SHIFT, VAR, PerAxis, add_js_terms, add_kl_terms, coord_loss_value, exp2, floor_at,
-    grid_affine, log2, log2_floor, nan_max, rectified_log2, rectify, softmax_log2_weight,
+    STAT_SHIFT, VAR, PerAxis, add_js_terms, add_kl_terms, exp2, floor_at, grid_affine, log2,
+    log2_floor, nan_max, rectified_log2, rectify, softmax_log2_weight,
 )
 from dsnt_cuda.triton.tiles import (
-    MapTile, add_axes, load_axes, load_tile, map_tile, marginals, per_map_scalar, scale_axes,
-    second_moments, shift_base, store_axes, sum2_all, target_q, target_setup, target_tile,
+    MapTile, add_axes, load_axes, load_tile, map_tile, marginals, max_all, per_map_scalar, scale_axes,
+    second_moments, shift_base, store_axes, target_q, target_setup, target_tile,
     total_and_first_moments,
 )
 
@@ -75,7 +76,7 @@ def tile_divergence(z, e, tile: MapTile, n: Normalizer, target, NDIM: tl.constex
     q, l2q = target_q(target_tile(target, tile, NDIM))
     if REG == JS:
         tp, tq = add_js_terms(p, l2p, q, l2q)
-        sums = sum2_all(tp, tq)
+        sums = tl.sum(tp), tl.sum(tq)
     else:
         sums = tl.sum(add_kl_terms(p, l2p, q, l2q)), tl.zeros([], p.dtype)
     return sums
@@ -96,7 +97,7 @@ def merge_tile(acc: MapSums, z, tile: MapTile, beta_log2e, NDIM: tl.constexpr, N
     shift = acc.shift
     alpha = 1.0
     if NORM == SOFTMAX:
-        shift = nan_max(acc.shift, tl.reduce(z, None, nan_max))
+        shift = nan_max(acc.shift, max_all(z))
         alpha = tl.where(shift == acc.shift, 1.0,
                          exp2(softmax_log2_weight(acc.shift, shift_base(shift), beta_log2e)))
     e = tile_weights(z, tile, shift, beta_log2e, tl.zeros([], z.dtype) != 0.0, NORM)
@@ -154,7 +155,7 @@ def _dsnt_fwd_kernel(
         z = load_tile(base, tile, OTHER, ACC)
         shift = tl.zeros([], ACC)
         if NORM == SOFTMAX:
-            shift = tl.reduce(z, None, nan_max)
+            shift = max_all(z)
         e = tile_weights(z, tile, shift, beta_log2e, no, NORM)
         uniform = no
         if NORM != SOFTMAX and NORM != NONE:

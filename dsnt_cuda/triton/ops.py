@@ -7,6 +7,11 @@
   `torch.library.triton_op`s with the C++ ops' schemas; fake kernels and autograd come from
   `dsnt_cuda.ops.register_ops`, as for every backend.
 
+In the interpreter (CPU tensors) the registered ops run eagerly as on a GPU, autograd included:
+the triton_op calls the launcher, whose kernels the interpreter runs. What traces a triton_op
+into its launcher on fake tensors (torch.compile, opcheck's aot_dispatch) needs a GPU: there the
+launch is recorded, in the interpreter it would run on tensors without data.
+
 Inputs are validated by the Python API (and the C++ ops check theirs); these launchers check
 only what would make a kernel read out of bounds: the device, the map size (int32 offsets), and
 the shapes and devices of every tensor a kernel reads by index.
@@ -20,7 +25,6 @@ import torch
 import triton
 
 from dsnt_cuda import ops as _ops
-from dsnt_cuda.backends import triton_interpreter_enabled
 from dsnt_cuda.triton.backward import _dsnt_bwd_kernel
 from dsnt_cuda.triton.forward import _dsnt_fwd_kernel, _dsnt_loss_kernel
 from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
@@ -28,15 +32,19 @@ from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, R
 # Launch plan knobs, module attributes so that tests can lower them (looped paths, several
 # programs per map, per-axis loops with small maps). A map whose padded tile has at most
 # SINGLE_TILE_MAX elements (float64: SINGLE_TILE_MAX_FP64) is held in registers by one program;
-# larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. The
-# backward gives each program CHUNK_TILES tiles of a map.
+# larger maps loop over tiles of LOOP_TILE elements, at most COL_BLOCK_MAX columns wide. A thread
+# holds PER_THREAD elements of a tile (float64: a quarter), of a single tile WIDE_PER_THREAD: the
+# per-map set-up and reductions are paid once per thread, so more elements a thread cost fewer
+# instructions an element, as long as they fit sm_90's 255 registers (the backward's target and
+# beta gradient sums do not at 64). The backward gives each program CHUNK_TILES tiles of a map.
 SINGLE_TILE_MAX = 8192
 SINGLE_TILE_MAX_FP64 = 2048
-LOOP_TILE = 2048
+LOOP_TILE = 4096
 COL_BLOCK_MAX = 1024
+PER_THREAD = 32
+WIDE_PER_THREAD = 64
 CHUNK_TILES = 8
 AXIS_BLOCK_MAX = 1024
-ELEMENTS_PER_THREAD = 32
 
 AXES = _AXES.value  # lanes of an axis vector: x, y, z, and the beta gradient in backward partials
 
@@ -60,7 +68,7 @@ def _split_float(value: float):
 
 
 def _check_device(logits: torch.Tensor) -> None:
-    if logits.device.type == "cuda" or (logits.device.type == "cpu" and triton_interpreter_enabled()):
+    if logits.device.type == "cuda" or (logits.device.type == "cpu" and triton.knobs.runtime.interpret):
         return
     raise RuntimeError(f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 "
                        f"set before triton is imported), got a tensor on {logits.device}")
@@ -98,29 +106,45 @@ class _Geometry:
         self.acc = torch.float64 if self.logits.dtype == torch.float64 else torch.float32
         self.device = self.logits.device
         self.rows = self.sizes[1] * self.sizes[2]
-        single_max = SINGLE_TILE_MAX_FP64 if self.acc == torch.float64 else SINGLE_TILE_MAX
+        fp64 = self.acc == torch.float64
         cols = triton.next_power_of_2(self.sizes[0])
-        if cols * triton.next_power_of_2(self.rows) <= single_max:
+        self.single = cols * triton.next_power_of_2(self.rows) <= (SINGLE_TILE_MAX_FP64 if fp64 else SINGLE_TILE_MAX)
+        if self.single:
             self.block_c, self.block_r = cols, triton.next_power_of_2(self.rows)
         else:
             self.block_c = min(cols, COL_BLOCK_MAX, LOOP_TILE)
             self.block_r = max(1, min(triton.next_power_of_2(self.rows), LOOP_TILE // self.block_c))
-        tile = self.block_r * self.block_c
-        self.num_warps = min(max(tile // (32 * ELEMENTS_PER_THREAD), 1), 8)
-        self.chunk_rows = self.block_r * CHUNK_TILES
+        # (a grid's second dimension holds at most 65535 programs)
+        self.chunk_rows = self.block_r * max(CHUNK_TILES, triton.cdiv(self.rows, 65535 * self.block_r))
         self.chunks = triton.cdiv(self.rows, self.chunk_rows)
         self.axis_block = min(triton.next_power_of_2(max(self.sizes)), AXIS_BLOCK_MAX)
 
-    def constants(self, normalization, reg, coord_loss, normalized_coordinates):
+    def num_warps(self, wide: bool) -> int:
+        if self.acc == torch.float64:
+            per_thread = PER_THREAD // 4
+        else:
+            per_thread = WIDE_PER_THREAD if wide and self.single else PER_THREAD
+        return min(max(self.block_r * self.block_c // (32 * per_thread), 1), 8)
+
+    def constants(self, normalization, reg, coord_loss, normalized_coordinates, wide: bool):
         return dict(NDIM=self.ndim, SIZE_X=self.sizes[0], SIZE_Y=self.sizes[1], SIZE_Z=self.sizes[2],
                     NORM=NORMALIZATIONS[normalization], REG=REGULARIZERS[reg],
                     COORD_LOSS=COORD_LOSSES[coord_loss], NORMALIZED=bool(normalized_coordinates),
                     BLOCK_R=self.block_r, BLOCK_C=self.block_c, AXIS_BLOCK=self.axis_block,
-                    num_warps=self.num_warps)
+                    num_warps=self.num_warps(wide))
 
     def per_map(self, t, name):
         """A per-map scalar tensor as a (B, L) view in acc (strides 0 where broadcast), or None."""
-        return None if t is None else t.to(device=self.device, dtype=self.acc).expand(self.batch, self.keypoints)
+        if t is None:
+            return None
+        if t.device != self.device or t.dim() > 2:
+            raise ValueError(f"{name} must be broadcastable to (B, L) on {self.device}, got {tuple(t.shape)} "
+                             f"on {t.device}")
+        try:
+            return t.to(self.acc).expand(self.batch, self.keypoints)
+        except RuntimeError as error:
+            raise ValueError(f"{name} must be broadcastable to (B, L) = ({self.batch}, {self.keypoints}), "
+                             f"got {tuple(t.shape)}") from error
 
     def as_acc(self, t, name, shape):
         if t is None:
@@ -156,7 +180,7 @@ def dsnt_fwd_triton(logits, target, mask, beta_map, sigma_t_map, normalization, 
                 g.keypoints, *_strides(beta_view), *_strides(sigma_view),
                 *_split_float(float(beta)), *_split_float(float(sigma_t)),
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates, wide=True),
             )
         if with_loss:
             mask_acc = g.as_acc(mask, "mask", per_point[:2])
@@ -208,7 +232,8 @@ def dsnt_bwd_triton(grad_coords, grad_variance, grad_reg_losses, grad_coord_loss
                 HAS_GRAD_LOSS=grad_loss is not None, HAS_MASK=mask_acc is not None,
                 HAS_BETA_MAP=beta_view is not None, HAS_SIGMA_MAP=sigma_view is not None,
                 TARGET_GRAD=target_grad, BETA_GRAD=beta_grad, CHUNK_ROWS=g.chunk_rows,
-                **g.constants(normalization, reg, coord_loss, normalized_coordinates),
+                **g.constants(normalization, reg, coord_loss, normalized_coordinates,
+                              wide=not (target_grad or beta_grad)),
             )
     sums = partials[:, :, 0] if g.chunks == 1 else partials.sum(2)
     target_dtype = target.dtype if target is not None else g.acc

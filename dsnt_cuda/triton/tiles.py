@@ -12,10 +12,11 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from dsnt_cuda.triton.math import (
-    AXES, PerAxis, TargetAxisSums, TargetNorm, centred_offset, exp2, log2_floor, target_axis_mean,
-    target_centre, target_log2_coef, target_log2_factor, target_norm,
+from dsnt_cuda.triton.map_math import (
+    TargetAxisSums, TargetNorm, target_axis_mean, target_centre, target_log2_coef, target_log2_factor,
+    target_norm,
 )
+from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, min_normal, nan_max
 
 
 class MapTile(NamedTuple):
@@ -35,14 +36,20 @@ def map_tile(row0, col0, SIZE_X: tl.constexpr, SIZE_Y: tl.constexpr, SIZE_Z: tl.
     cols = col0 + tl.arange(0, BLOCK_C)
     row_valid = rows < SIZE_Y * SIZE_Z
     col_valid = cols < SIZE_X
+    if SIZE_Z == 1:  # a row is a y (no division, even by a constant)
+        y = rows
+        z = rows * 0
+    else:
+        y = rows % SIZE_Y
+        z = rows // SIZE_Y
     return MapTile(
         rows[:, None] * SIZE_X + cols[None, :],
         row_valid[:, None] & col_valid[None, :],
         col_valid,
         row_valid,
         cols.to(ACC) - centred_offset(SIZE_X),
-        (rows % SIZE_Y).to(ACC) - centred_offset(SIZE_Y),
-        (rows // SIZE_Y).to(ACC) - centred_offset(SIZE_Z),
+        y.to(ACC) - centred_offset(SIZE_Y),
+        z.to(ACC) - centred_offset(SIZE_Z),
     )
 
 
@@ -68,23 +75,31 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def sum2(a, b):
+def _sum2_device(a, b):
     # two sums of 1-D tensors in one reduction (one exchange between warps instead of two)
     return tl.reduce((a, b), 0, _add2)
 
 
 @triton.jit
-def _sum2_all_device(a, b):
-    return tl.reduce((a, b), None, _add2)
+def _max_all_device(x):
+    return tl.reduce(x, None, nan_max)
 
 
 @triton.jit
-def _sum2_all_host(a, b):
-    return tl.sum(a), tl.sum(b)
+def _sum2_host(a, b):
+    return tl.sum(a, axis=0), tl.sum(b, axis=0)
 
 
-# sum2 over every axis of a tile; the interpreter cannot reduce a tuple over all axes at once
-sum2_all = _sum2_all_host if triton.knobs.runtime.interpret else _sum2_all_device
+@triton.jit
+def _max_all_host(x):
+    return tl.max(x) + tl.sum(tl.where(x != x, x, 0.0))  # numpy's max skips NaN
+
+
+# The interpreter runs a reduction with a jitted combine function element by element in Python:
+# there, the same sums through numpy.
+_HOST = triton.knobs.runtime.interpret
+sum2 = _sum2_host if _HOST else _sum2_device
+max_all = _max_all_host if _HOST else _max_all_device  # the largest element, NaN if any is NaN
 
 
 class Marginals(NamedTuple):
@@ -280,5 +295,7 @@ def target_tile(t: Target, tile: MapTile, NDIM: tl.constexpr):
 
 @triton.jit
 def target_q(tt: TargetTile):
-    # (q, log2 q) of the tile's elements
-    return tt.g_col[None, :] * tt.g_row[:, None], tt.l2_col[None, :] + tt.l2_row[:, None]
+    # (q, log2 q) of the tile's elements; q + the smallest normal number, so that log2_mid's
+    # log2(p + q) is finite without a clamp
+    q = tt.g_col[None, :] * tt.g_row[:, None] + min_normal(tt.g_col)
+    return q, tt.l2_col[None, :] + tt.l2_row[:, None]
