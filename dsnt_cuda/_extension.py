@@ -1,6 +1,7 @@
 """Loads the compiled extension `dsnt_cuda._C` if it was built; the package works without it."""
 
 import importlib.util
+import sys
 
 import torch
 
@@ -8,6 +9,11 @@ _C = None
 LOAD_ERROR = None
 if importlib.util.find_spec("dsnt_cuda._C") is None:
     LOAD_ERROR = "dsnt_cuda._C is not built (pip install --no-build-isolation . or make build)"
+elif "dsnt_cuda._C" not in sys.modules and hasattr(torch.ops.dsnt_cuda, "dsnt_fwd"):
+    # Another library defines the ops already (libdsnt_cuda_ops.so through torch.ops.load_library):
+    # _C's second TORCH_LIBRARY(dsnt_cuda) would abort the process.
+    LOAD_ERROR = ("dsnt_cuda._C was not loaded: the dsnt_cuda ops are already registered in this "
+                  "process by another library (libdsnt_cuda_ops.so?); use one or the other")
 else:
     try:
         from dsnt_cuda import _C  # importing registers the torch.ops.dsnt_cuda ops

@@ -267,7 +267,14 @@ def coordinate_losses(actual, target, coord_loss: str) -> torch.Tensor:
 def average_loss(losses: torch.Tensor, mask=None) -> torch.Tensor:
     """sum(losses * mask) / max(sum(mask), 1); the plain mean when mask is None."""
     if mask is None:
-        return losses.sum() / max(losses.numel(), 1)
+        n = losses.numel()
+        if isinstance(n, torch.SymInt):
+            # Traced with a symbolic size, torch.export simplifies max(n, 1) to n (it assumes
+            # sizes >= 1), so an exported program would return NaN for an empty batch: clamp a
+            # tensor instead, in float32 at least (a float16 count overflows at 65504).
+            count = losses.new_full((), n, dtype=torch.promote_types(losses.dtype, torch.float32))
+            return (losses.sum() / count.clamp(min=1)).to(losses.dtype)
+        return losses.sum() / max(n, 1)
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Configure, build (cmake-build/, -j2) and test (ctest) the libtorch-only CMake build of the ops.
-# Exits non-zero on any failure. Environment:
+# Exits non-zero on any failure. The AOTInductor test (aoti_export + test_aoti) needs the Python
+# extension built in place first (make build; make test does). Environment:
 #   PYTHON           interpreter whose torch to build against (default: .venv/bin/python, python3)
 #   DSNT_WITH_CUDA   ON to also compile csrc/cuda/*.cu (default OFF)
 #   CUDA_HOME        CUDA toolkit root (default: found like setup.py does)
@@ -24,8 +25,10 @@ CTEST="$(dirname "$(command -v "${CMAKE}")")/ctest"
 TORCH_PREFIX="$("${PYTHON}" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 TORCH_CUDA="$("${PYTHON}" -c 'import torch; print(torch.version.cuda or "")')"
 
+# The AOTInductor test exports with this Python (its torch and the in-place dsnt_cuda._C).
 ARGS=(-S "${ROOT}" -B "${BUILD}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="${TORCH_PREFIX}"
-      -DDSNT_WITH_CUDA="${DSNT_WITH_CUDA:-OFF}")
+      -DDSNT_WITH_CUDA="${DSNT_WITH_CUDA:-OFF}" -DPython3_EXECUTABLE="$(command -v "${PYTHON}")"
+      -DDSNT_AOTI_TEST=ON)
 if command -v ninja >/dev/null 2>&1 || [[ -x "$(dirname "${PYTHON}")/ninja" ]]; then
   ARGS+=(-G Ninja)
   [[ -x "$(dirname "${PYTHON}")/ninja" ]] && ARGS+=(-DCMAKE_MAKE_PROGRAM="$(dirname "${PYTHON}")/ninja")

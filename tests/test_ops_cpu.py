@@ -374,3 +374,23 @@ def test_cmake_library_loads_with_load_library():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="the C++ extension is not built")
+def test_import_after_another_library_defined_the_ops_is_no_abort():
+    """Ops already defined (as by libdsnt_cuda_ops.so through torch.ops.load_library): importing
+    dsnt_cuda must not load _C, whose second TORCH_LIBRARY(dsnt_cuda) would abort the process."""
+    code = (
+        "import torch\n"
+        "lib = torch.library.Library('dsnt_cuda', 'DEF')  # stands in for libdsnt_cuda_ops.so\n"
+        "lib.define('dsnt_fwd(Tensor logits) -> Tensor')\n"
+        "import dsnt_cuda\n"
+        "info = dsnt_cuda.build_info()\n"
+        "assert not info['extension'] and 'already registered' in info['error'], info\n"
+        "assert dsnt_cuda.available_backends('cpu') == ['auto', 'reference']\n"
+        "x = torch.randn(2, 3, 5, 4)\n"
+        "torch.testing.assert_close(dsnt_cuda.fused_dsnt(x), dsnt_cuda.fused_dsnt(x, backend='reference'))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
