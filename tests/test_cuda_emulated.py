@@ -10,6 +10,7 @@ Needs a C++ compiler and the torch headers (as the extension build does); skips 
 """
 
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,16 +25,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))
 import emulate  # noqa: E402
 
-_NINJA = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
-pytestmark = pytest.mark.skipif(
-    (shutil.which("c++") is None and shutil.which("g++") is None) or _NINJA is None,
-    reason="needs a C++ compiler and ninja",
-)
+pytestmark = pytest.mark.skipif(shutil.which(emulate.CXX) is None or shutil.which(emulate.ninja()) is None,
+                                reason="needs a C++ compiler and ninja")
 
 
 @pytest.fixture(scope="module")
 def emu():
-    return emulate.load(HERE.parent / "build" / "cuda_emulation")
+    return emulate.load_ops(os.environ.get("DSNT_EMU_LIBRARY") or emulate.build("ops-plain")[0])
 
 
 def make_inputs(shape, normalization, dtype, seed=0):
@@ -62,9 +60,9 @@ def reference_results(z, target, options, upstream):
 def emulated_results(emu, z, target, options, upstream):
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     t = target.to(acc)
-    coords, variance, reg_losses, stats = emu.fwd(z, t, *options)
+    coords, variance, reg_losses, stats = emu.dsnt_fwd(z, t, *options)
     up = [u.to(acc) for u in upstream]
-    gz, gt = emu.bwd(*up, z, t, coords, variance, stats, *options, True)
+    gz, gt = emu.dsnt_bwd(*up, z, t, coords, variance, stats, *options, True)
     return [coords, variance, reg_losses], gz, gt
 
 
