@@ -25,7 +25,7 @@ CORRECT = ["shuffles", "syncwarp_orders_memory", "smem_poisoned_per_block", "ato
            "cluster_ring"]
 BROKEN = {  # case: what the failed launch must say
     "lane_returns_before_shuffle": "lane 5 of mask 0xffffffff returned from the kernel before reaching it",
-    "lane_outside_mask": "lane 16 calls it with mask 0x0000ffff, which leaves it out",
+    "lane_outside_mask": "lane 3 calls it with mask 0x00000001, which leaves it out",
     "masks_disagree": "of mask 0xffffffff returned from the kernel before reaching it",
     "collectives_disagree": "lanes disagree on collective #0 of mask 0xffffffff",
     "barrier_after_return": "thread(s) returned from the kernel and can never arrive",
