@@ -45,7 +45,8 @@ def _torch_flags():
     import torch
 
     top = Path(torch.__file__).parent
-    includes = [f"-isystem {top / 'include'}", f"-isystem {top / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    include = top / "include"
+    includes = [f"-isystem {include}", f"-isystem {include / 'torch' / 'csrc' / 'api' / 'include'}"]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     lib = top / "lib"
     return " ".join(includes + [abi]), f"-L{lib} -Wl,-rpath,{lib} -lc10 -ltorch_cpu"
@@ -106,7 +107,8 @@ def build(*targets: str) -> list[Path]:
     cmd = [ninja(), "-C", str(BUILD), "-j", "2"] + [str(o.relative_to(BUILD)) for o in outputs]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"cuda emulation build failed: {shlex.join(cmd)}\n{done.stdout[-20000:]}{done.stderr}")
+        raise RuntimeError(f"cuda emulation build failed: {shlex.join(cmd)}\n{done.stdout[-20000:]}"
+                           f"{done.stderr}")
     return outputs
 
 
