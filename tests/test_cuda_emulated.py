@@ -5,8 +5,8 @@ Every path of the kernels: each size class (warp N <= 512 < block N <= 4096 < st
 backward, 1-3-D maps, every logits dtype, both grids, each normalization and regularizer, None
 upstream gradients, needs_target_grad False, the uniform fallback of zero-sum rectified maps,
 NaN and -inf maps, misaligned bases (scalar loads), a target outside the map; with NaN-filled
-outputs, poisoned shared memory and several blocks at once. The cases marked `sanitized` also run
-under ThreadSanitizer and AddressSanitizer + UBSan (tests/test_cuda_emulated_sanitized.py).
+outputs, poisoned shared memory and several blocks at once. A subset also runs under
+ThreadSanitizer and AddressSanitizer + UBSan (tests/test_cuda_emulated_sanitized.py).
 This checks logic, indexing and synchronization; it cannot see what only a GPU shows (memory
 model, timing, fast math): tests/test_ops_cuda.py does that on a GPU. Needs a C++ compiler and
 ninja; skips otherwise.
@@ -33,7 +33,6 @@ import emulate  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(emulate.CXX) is None or shutil.which(emulate.ninja()) is None,
                                 reason="needs a C++ compiler and ninja")
-SANITIZED = pytest.mark.sanitized
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +131,19 @@ def check(emu, shape, normalization="softmax", reg="js", dtype=torch.float32, *,
     assert_close(gt, ref_gt, grad_tol, f"grad target {what}")
 
 
-def classes(sanitized=()):
-    """The three size classes as parameters; those named in `sanitized` also run sanitized."""
-    return [pytest.param(SHAPES[c], id=c, marks=[SANITIZED] if c in sanitized else []) for c in CLASSES]
-
-
-SANITIZED_MODES = {("warp", "softmax", "js"), ("block", "relu", "kl"), ("stream", "sigmoid", "var")}
+CLASS_SHAPES = [pytest.param(SHAPES[c], id=c) for c in CLASSES]
 
 
 def modes(sizes, pairs):
-    return [pytest.param(SHAPES[s], n, r, id=f"{s}-{n}-{r}", marks=[SANITIZED] if (s, n, r) in SANITIZED_MODES else [])
-            for s in sizes for n, r in pairs]
+    return [pytest.param(SHAPES[s], n, r, id=f"{s}-{n}-{r}") for s in sizes for n, r in pairs]
 
 
 # Each size class sees every normalization and, over them, every regularizer.
 MODES = [("softmax", "js"), ("relu", "kl"), ("sigmoid", "var"), ("abs", "none"), ("none", "kl")]
 
 
-@pytest.mark.parametrize("shape, normalization, reg", modes(["warp"], [(n, r) for n in NORMALIZATIONS for r in REGULARIZERS]))
+@pytest.mark.parametrize("shape, normalization, reg",
+                         modes(["warp"], [(n, r) for n in NORMALIZATIONS for r in REGULARIZERS]))
 def test_every_normalization_and_regularizer(emu, shape, normalization, reg):
     check(emu, shape, normalization, reg)
 
@@ -159,19 +153,20 @@ def test_size_classes(emu, shape, normalization, reg):
     check(emu, shape, normalization, reg)
 
 
-@pytest.mark.parametrize("shape, normalization, reg", modes(["warp-odd-1d", "block-3d", "stream-1d", "stream-3d"], MODES[:2]))
+@pytest.mark.parametrize("shape, normalization, reg",
+                         modes(["warp-odd-1d", "block-3d", "stream-1d", "stream-3d"], MODES[:2]))
 def test_1d_and_3d_maps(emu, shape, normalization, reg):
     check(emu, shape, normalization, reg)
 
 
-@pytest.mark.parametrize("shape", classes(sanitized=("block",)))
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_dtypes(emu, shape, dtype):
     check(emu, shape, "softmax", "js", dtype)
 
 
 @pytest.mark.parametrize("normalization, reg", [("softmax", "kl"), ("none", "js")])
-@pytest.mark.parametrize("shape", classes(sanitized=("stream",)))
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 def test_pixel_grid(emu, shape, normalization, reg):
     check(emu, shape, normalization, reg, normalized=False)
 
@@ -181,18 +176,18 @@ def test_pixel_grid(emu, shape, normalization, reg):
 NONE_UPSTREAM = {"coords": (0,), "variance": (1,), "reg_losses": (2,), "all": (0, 1, 2)}
 
 
-@pytest.mark.parametrize("shape", classes(sanitized=("stream",)))
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 @pytest.mark.parametrize("none", NONE_UPSTREAM, ids=lambda k: f"none-{k}")
 def test_none_upstream_gradients(emu, shape, none):
     check(emu, shape, "softmax", "js", none_upstream=NONE_UPSTREAM[none])
 
 
-@pytest.mark.parametrize("shape", classes())
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 def test_no_target_gradient_wanted(emu, shape):
     check(emu, shape, "softmax", "kl", needs_target_grad=False)
 
 
-@pytest.mark.parametrize("shape", classes(sanitized=("warp",)))
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 @pytest.mark.parametrize("normalization", ["relu", "abs"])
 def test_uniform_fallback_of_zero_sum_maps(emu, shape, normalization):
     z, _, _ = make_inputs(shape, normalization, torch.float32)
@@ -207,7 +202,7 @@ NON_FINITE = {"nan": (math.nan, slice(5, 6)), "all-minus-inf": (-math.inf, slice
               "minus-inf-band": (-math.inf, slice(0, 100))}
 
 
-@pytest.mark.parametrize("shape", classes())
+@pytest.mark.parametrize("shape", CLASS_SHAPES)
 @pytest.mark.parametrize("kind", NON_FINITE)
 def test_non_finite_maps(emu, shape, kind):
     value, where = NON_FINITE[kind]
@@ -216,7 +211,6 @@ def test_non_finite_maps(emu, shape, kind):
     check(emu, shape, "softmax", "kl", z=z)
 
 
-@SANITIZED
 def test_misaligned_base_takes_the_scalar_path(emu):
     z, _, _ = make_inputs((1, 2, 70, 70), "softmax", torch.float32)
     buffer = torch.empty(z.numel() + 1)
