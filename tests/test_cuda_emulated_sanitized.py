@@ -44,8 +44,13 @@ SUBSET = [
 PROOF_CASE = "test_size_classes[block-relu-kl]"
 
 
-def run_sanitized(target, sanitizer, cases):
-    library = emulate.build(target)[0]
+@pytest.fixture(scope="module")
+def libraries():
+    targets = ["ops-tsan", "ops-asan", "ops-tsan-drop-reduction"]
+    return dict(zip(targets, emulate.build(*targets)))  # one ninja call, so both cores compile
+
+
+def run_sanitized(library, sanitizer, cases):
     env = dict(emulate.sanitizer_env(sanitizer), DSNT_EMU_LIBRARY=str(library))
     # --capture=sys: a report written to fd 2 as the runtime stops the process must not be lost.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
@@ -57,16 +62,16 @@ def output(done):
     return f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[:12000]}"
 
 
-def test_asan_subset_is_clean():
-    done = run_sanitized("ops-asan", "asan", SUBSET)
+def test_asan_subset_is_clean(libraries):
+    done = run_sanitized(libraries["ops-asan"], "asan", SUBSET)
     assert done.returncode == 0 and f"{len(SUBSET)} passed" in done.stdout, output(done)
 
 
-def test_tsan_subset_is_clean_and_sees_a_dropped_reduction_barrier():
-    done = run_sanitized("ops-tsan", "tsan", SUBSET)  # PROOF_CASE among them, with the barrier
+def test_tsan_subset_is_clean_and_sees_a_dropped_reduction_barrier(libraries):
+    done = run_sanitized(libraries["ops-tsan"], "tsan", SUBSET)  # PROOF_CASE among them, with the barrier
     assert done.returncode == 0 and f"{len(SUBSET)} passed" in done.stdout, output(done)
 
-    done = run_sanitized("ops-tsan-drop-reduction", "tsan", [PROOF_CASE])
+    done = run_sanitized(libraries["ops-tsan-drop-reduction"], "tsan", [PROOF_CASE])
     assert done.returncode != 0, output(done)
     start = done.stderr.find("WARNING: ThreadSanitizer: data race")
     end = done.stderr.find("SUMMARY: ThreadSanitizer: data race", start)

@@ -37,7 +37,7 @@ OPS_TARGETS = {
     # The proof that TSan sees the race the reduction barrier prevents (float kernels only: quicker).
     "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_REPORT_FLOAT_ONLY"]),
 }
-SELFTEST_TARGETS = {f"selftest-{s}": s for s in SANITIZE}
+SELFTEST_TARGETS = [f"selftest-{s}" for s in SANITIZE]
 
 
 @cache
@@ -79,12 +79,12 @@ def _ninja_file() -> str:
             f"build {target}/dsnt_emu.so: link {target}/dsnt_kernel.o ops/dsnt_ops.o",
             f"  flags = -shared {san} {torch_ldflags}",
         ]
-    for target, sanitizer in SELFTEST_TARGETS.items():
+    for sanitizer in SANITIZE:
         san = " ".join(SANITIZE[sanitizer] + ["-g1"])
         lines += [
-            f"build {target}/selftest.o: cxx {HERE / 'selftest.cu'}",
+            f"build selftest-{sanitizer}/selftest.o: cxx {HERE / 'selftest.cu'}",
             f"  flags = {base} {san}",
-            f"build {target}/selftest: link {target}/selftest.o",
+            f"build selftest-{sanitizer}/selftest: link selftest-{sanitizer}/selftest.o",
             f"  flags = -pthread {san}",
         ]
     return "\n".join(lines) + "\n"
