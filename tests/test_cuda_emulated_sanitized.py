@@ -68,7 +68,8 @@ def test_asan_subset_is_clean(libraries):
 
 
 def test_tsan_subset_is_clean_and_sees_a_dropped_reduction_barrier(libraries):
-    done = run_sanitized(libraries["ops-tsan"], "tsan", SUBSET)  # PROOF_CASE among them, with the barrier
+    assert PROOF_CASE in SUBSET  # so this run is the proof's half with the barrier
+    done = run_sanitized(libraries["ops-tsan"], "tsan", SUBSET)
     assert done.returncode == 0 and f"{len(SUBSET)} passed" in done.stdout, output(done)
 
     done = run_sanitized(libraries["ops-tsan-drop-reduction"], "tsan", [PROOF_CASE])
