@@ -17,9 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +28,7 @@
 
 #include "dsnt_math.h"
 #include "dsnt_ops.h"
+#include "torch_launch.cuh"
 
 namespace dsnt_cuda {
 namespace {
@@ -46,6 +44,10 @@ constexpr int kMaxRed = 8;           // most values reduced at once
 // Largest sum of axis lengths whose Gaussian target factors are tabulated in shared memory per
 // map group (above it, the stream class computes them on the fly). 4098 doubles = 32.8 KB.
 constexpr int kMaxTable = 4098;
+
+// Elements of the cross-warp reduction buffer `red` that starts the dynamic shared memory (a warp
+// group reduces with shuffles only).
+__host__ __device__ constexpr int red_size(int group) { return group > 32 ? group / 32 * kMaxRed : 0; }
 
 // Blocks per SM the register budget must allow: 2 (<= 128 registers a thread) keeps enough warps
 // in flight for the bandwidth-bound float / half kernels; float64 (gradcheck, accuracy) gets
@@ -80,7 +82,7 @@ DSNT_DEV void group_sum(T (&v)[NV], T* red) {
     constexpr int kWarps = kGroup / 32;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    __syncthreads();  // earlier readers of red are done
+    DSNT_SYNCTHREADS(reduction);  // earlier readers of red are done
     if (lane == 0) {
 #pragma unroll
       for (int j = 0; j < NV; ++j) red[warp * NV + j] = v[j];
@@ -529,12 +531,11 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
   static_assert(kItems % V == 0, "a thread's items must be whole vectors");
   constexpr int kBlock = kGroup < kBlockThreads ? kBlockThreads : kGroup;
   constexpr int kGroupsPerBlock = kBlock / kGroup;
-  __shared__ T red[kGroup > 32 ? (kGroup / 32) * kMaxRed : 1];
-  extern __shared__ __align__(16) unsigned char dsnt_smem[];
+  T* const red = dynamic_smem<T>();  // then a target table per group (plan())
 
   const int t = threadIdx.x % kGroup;
   const int gib = threadIdx.x / kGroup;
-  T* table = a.table_stride > 0 ? reinterpret_cast<T*>(dsnt_smem) + gib * a.table_stride : nullptr;
+  T* table = a.table_stride > 0 ? red + red_size(kGroup) + gib * a.table_stride : nullptr;
   const Geo& g = a.geo;
   const int N = g.N;
   const bool div = a.reg == Regularizer::JS || a.reg == Regularizer::KL;
@@ -723,12 +724,11 @@ __global__ void __launch_bounds__(kGroup < kBlockThreads ? kBlockThreads : kGrou
   static_assert(kItems % V == 0, "a thread's items must be whole vectors");
   constexpr int kBlock = kGroup < kBlockThreads ? kBlockThreads : kGroup;
   constexpr int kGroupsPerBlock = kBlock / kGroup;
-  __shared__ T red[kGroup > 32 ? (kGroup / 32) * kMaxRed : 1];
-  extern __shared__ __align__(16) unsigned char dsnt_smem[];
+  T* const red = dynamic_smem<T>();  // then a target table per group (plan())
 
   const int t = threadIdx.x % kGroup;
   const int gib = threadIdx.x / kGroup;
-  T* table = a.table_stride > 0 ? reinterpret_cast<T*>(dsnt_smem) + gib * a.table_stride : nullptr;
+  T* table = a.table_stride > 0 ? red + red_size(kGroup) + gib * a.table_stride : nullptr;
   const Geo& g = a.geo;
   const int N = g.N;
   const bool none = a.mode == Normalization::None;
@@ -891,8 +891,9 @@ Launch plan(const Geo& g, int64_t maps, bool tables, size_t acc_size) {
   int sum_s = 0;
   for (int k = 0; k < g.dims; ++k) sum_s += g.S[k];
   l.table_stride = (tables && sum_s <= kMaxTable) ? sum_s : 0;
-  l.smem = static_cast<size_t>(l.table_stride) * l.groups_per_block * acc_size;
-  TORCH_INTERNAL_ASSERT(l.smem <= 48 * 1024, "dsnt_cuda: target table exceeds 48 KB");
+  const int group = l.cls == SizeClass::Warp ? 32 : l.threads;
+  l.smem = static_cast<size_t>(red_size(group) + l.table_stride * l.groups_per_block) * acc_size;
+  TORCH_INTERNAL_ASSERT(l.smem <= 48 * 1024, "dsnt_cuda: shared memory exceeds 48 KB");
   return l;
 }
 
@@ -925,18 +926,17 @@ const T* ptr_or_null(const at::Tensor& t) {
 ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
                             c10::string_view normalization, double beta, bool normalized_coordinates,
                             c10::string_view reg, double sigma_t) {
-  TORCH_CHECK(logits.is_cuda(), "dsnt_fwd (CUDA): logits must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DeviceScope device(logits, "dsnt_fwd (CUDA): logits");
   const Normalization mode = parse_normalization(as_std(normalization));
   const Regularizer regularizer = parse_regularizer(as_std(reg));
   const MapGeometry mg = check_inputs(logits, target, regularizer, beta, sigma_t);
   check_sizes(mg);
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logits.options().dtype(acc);
-  at::Tensor coords = at::empty({mg.batch, mg.keypoints, mg.dims}, opts);
-  at::Tensor variance = at::empty({mg.batch, mg.keypoints, mg.dims}, opts);
-  at::Tensor reg_losses = at::empty({mg.batch, mg.keypoints}, opts);
-  at::Tensor stats = at::empty({mg.batch, mg.keypoints, 2}, opts);
+  at::Tensor coords = empty_output({mg.batch, mg.keypoints, mg.dims}, opts);
+  at::Tensor variance = empty_output({mg.batch, mg.keypoints, mg.dims}, opts);
+  at::Tensor reg_losses = empty_output({mg.batch, mg.keypoints}, opts);
+  at::Tensor stats = empty_output({mg.batch, mg.keypoints, 2}, opts);
   if (mg.maps == 0 || mg.map_size == 0) return {coords, variance, reg_losses, stats};
 
   const bool div = regularizer == Regularizer::JS || regularizer == Regularizer::KL;
@@ -944,7 +944,7 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
   const at::Tensor tgt = div ? acc_input(target, acc, logits, "target") : at::Tensor();
   TORCH_CHECK(!div || tgt.defined(), "dsnt_fwd (CUDA): reg '", std::string(as_std(reg)), "' needs a target");
   const Geo geo = make_geo(logits);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
 
   DSNT_DISPATCH(z.scalar_type(), "dsnt_fwd_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -965,19 +965,18 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
     a.normalized = normalized_coordinates;
     a.vec = vec_ok(a.logits, mg.map_size, sizeof(scalar_t));
     a.table_stride = l.table_stride;
-    const dim3 grid(static_cast<unsigned>(l.blocks));
+    const LaunchConfig config{dim3(static_cast<unsigned>(l.blocks)), dim3(l.threads), l.smem, stream};
     switch (l.cls) {
       case SizeClass::Warp:
-        dsnt_fwd_kernel<scalar_t, 32, kWarpItems, false><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_fwd_kernel<scalar_t, 32, kWarpItems, false>, config, a);
         break;
       case SizeClass::Block:
-        dsnt_fwd_kernel<scalar_t, kBlockThreads, kBlockItems, false><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_fwd_kernel<scalar_t, kBlockThreads, kBlockItems, false>, config, a);
         break;
       case SizeClass::Stream:
-        dsnt_fwd_kernel<scalar_t, kStreamThreads, kStreamItems, true><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_fwd_kernel<scalar_t, kStreamThreads, kStreamItems, true>, config, a);
         break;
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {coords, variance, reg_losses, stats};
 }
@@ -989,8 +988,7 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
                              const at::Tensor& variance, const at::Tensor& stats,
                              c10::string_view normalization, double beta, bool normalized_coordinates,
                              c10::string_view reg, double sigma_t, bool needs_target_grad) {
-  TORCH_CHECK(logits.is_cuda(), "dsnt_bwd (CUDA): logits must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DeviceScope device(logits, "dsnt_bwd (CUDA): logits");
   const Normalization mode = parse_normalization(as_std(normalization));
   const Regularizer regularizer = parse_regularizer(as_std(reg));
   const MapGeometry mg = check_inputs(logits, target, regularizer, beta, sigma_t);
@@ -1003,7 +1001,7 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
                         stats);
 
   at::Tensor grad_logits =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+      empty_output(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const at::ScalarType target_dtype = has_target ? target->scalar_type() : acc;
   const std::vector<int64_t> per_map = {mg.batch, mg.keypoints, mg.dims};
   if (mg.maps == 0 || mg.map_size == 0) {
@@ -1024,7 +1022,7 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
   const bool want_tgt = need_div && needs_target_grad;
   at::Tensor grad_target = at::zeros(per_map, logits.options().dtype(acc));
   const Geo geo = make_geo(logits);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
 
   DSNT_DISPATCH(z.scalar_type(), "dsnt_bwd_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -1051,26 +1049,25 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
             vec_ok(a.grad_logits, mg.map_size, sizeof(scalar_t));
     a.need_div = need_div;
     a.table_stride = l.table_stride;
-    const dim3 grid(static_cast<unsigned>(l.blocks));
+    const LaunchConfig config{dim3(static_cast<unsigned>(l.blocks)), dim3(l.threads), l.smem, stream};
     switch (l.cls) {
       case SizeClass::Warp:
-        dsnt_bwd_kernel<scalar_t, 32, kWarpItems, false><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_bwd_kernel<scalar_t, 32, kWarpItems, false>, config, a);
         break;
       case SizeClass::Block:
-        dsnt_bwd_kernel<scalar_t, kBlockThreads, kBlockItems, false><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_bwd_kernel<scalar_t, kBlockThreads, kBlockItems, false>, config, a);
         break;
       case SizeClass::Stream:
-        dsnt_bwd_kernel<scalar_t, kStreamThreads, kStreamItems, true><<<grid, l.threads, l.smem, stream>>>(a);
+        launch(dsnt_bwd_kernel<scalar_t, kStreamThreads, kStreamItems, true>, config, a);
         break;
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_logits, grad_target.to(target_dtype)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsnt_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(dsnt_cuda, DSNT_CUDA_DISPATCH_KEY, m) {
   m.impl("dsnt_fwd", &dsnt_fwd_cuda);
   m.impl("dsnt_bwd", &dsnt_bwd_cuda);
 }
