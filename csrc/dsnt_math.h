@@ -358,7 +358,11 @@ DSNT_HD TargetNorm<T> target_norm(const TargetAxisSums<T>* axes, int dims) {
   TargetNorm<T> n;
   T log2_prod = T(0), sum_off = T(0);
   bool empty = false;
-  for (int k = 0; k < dims; ++k) {
+  // Loops over every axis slot with a test, not up to `dims`: a fixed trip count lets a GPU
+  // compiler unroll them and keep ubar_g in registers.
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    n.ubar_g[k] = T(0);
+    if (k >= dims) continue;
     const TargetAxisSums<T>& a = axes[k];
     empty = empty || a.off == -T(INFINITY);
     log2_prod += a.off + A::log2(a.sum_g);
@@ -369,7 +373,7 @@ DSNT_HD TargetNorm<T> target_norm(const TargetAxisSums<T>* axes, int dims) {
     n.log2_norm = T(kLog2DivEps);
     n.scale = T(0);
     n.one_minus_rho = T(1);
-    for (int k = 0; k < dims; ++k) n.ubar_g[k] = T(0);
+    for (int k = 0; k < kMaxSpatialDims; ++k) n.ubar_g[k] = T(0);
     return n;
   }
   // logaddexp2(log2_prod, log2 eps), without overflow

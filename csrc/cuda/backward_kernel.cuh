@@ -1,0 +1,228 @@
+// The backward kernel (see backward.cuh): per (map, slice) a group builds the map's tables,
+// then one pass reads the logits chunk by chunk, writes dLoss/dz and accumulates the
+// target-mean and beta gradients.
+#pragma once
+
+#include "backward.cuh"
+
+namespace dsnt_cuda {
+
+// Probe builds count the standard loss, whose target and beta take no gradient.
+#if defined(DSNT_PROBE_NORMALIZATION)
+#define DSNT_EXTRA_GRADS(flag) false
+#else
+#define DSNT_EXTRA_GRADS(flag) (flag)
+#endif
+
+template <typename scalar_t, class Group>
+DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const Group& g,
+                           const TilePlace<acc_t<scalar_t>>& tp, const GroupMemory<acc_t<scalar_t>>& gm,
+                           const BwdTables<acc_t<scalar_t>>& tab) {
+  using T = acc_t<scalar_t>;
+  using A = Arith<T>;
+  constexpr int V = kChunkElems<scalar_t>;
+  constexpr int C = kChunksPerThread<scalar_t, TileKind::Backward>;
+  const TileLayout& L = a.layout;
+  const Modes md = a.modes;
+  const bool hot = md.softmax_js();
+  const bool target_grad = DSNT_EXTRA_GRADS(a.needs_target_grad);
+  const bool beta_grad = DSNT_EXTRA_GRADS(a.needs_beta_grad) && md.softmax();
+
+  uint32_t b, l;
+  a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
+  const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
+  scalar_t* grad_map = a.grad_logits + static_cast<int64_t>(m) * L.map_size;
+  const bool vec = L.whole_chunks && aligned16(map);
+  const scalar_t pad = (md.softmax() || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
+  RegisterTile<T, C, V> tile;
+  load_tile<scalar_t, C>(tile, map, gm.memory, tp.row0, tp.row_step, tp.x_t, L.stride_x, vec, pad);
+
+  BwdMap<T> s = backward_map_constants(a, m, b, l);
+  AxisPartial<T> part[3];
+  const T cx = centred_offset<T>(L.size[0]);
+#pragma unroll 1
+  for (int i = g.t; i < gm.x_entries; i += g.size()) {
+    tab.xgrad[i] = s.table_scale * axis_grad(static_cast<T>(gm.x_origin + i) - cx, s.ax[0]);
+  }
+  if (s.div) {
+    fill_axes(s.axes, L.size, gm.x_origin, gm.x_entries, tab, gm.own_x, gm.own_yz, g.t, g.size(), part);
+    T sums[6] = {part[0].g, part[0].gu, part[1].g, part[1].gu, part[2].g, part[2].gu};
+    g.sum(sums, 1);
+    TargetAxisSums<T> ts[3];
+#pragma unroll
+    for (int k = 0; k < kMaxSpatialDims; ++k) ts[k] = {s.axes[k].off, sums[2 * k], sums[2 * k + 1]};
+    s.tn = target_norm(ts, L.dims);
+  } else {
+    g.sync();
+  }
+  // rows (and the x target-mean gradient, which needs the target's own mean)
+  const T cy = centred_offset<T>(L.size[1]), cz = centred_offset<T>(L.size[2]);
+#pragma unroll 1
+  for (int v = g.t; v <= L.slice_vrows; v += g.size()) {
+    const RowCoords<T> r = gm.coords[v];
+    tab.rgrad[v] = s.table_scale * (axis_grad(r.uy, s.ax[1]) + axis_grad(r.uz, s.ax[2])) + s.row_const;
+    T rg = T(0), rl = T(0);
+    if (s.div) {
+      const int y = static_cast<int>(r.uy + cy), z = static_cast<int>(r.uz + cz);
+      rg = tab.yg[y] * tab.zg[z];
+      rl = tab.yl[y] + tab.zl[z];
+      tab.rty[v] = target_mean_grad(r.uy, s.axes[1].centre, s.tn.ubar_g[1], s.tn.one_minus_rho, s.t_coef[1]);
+      tab.rtz[v] = target_mean_grad(r.uz, s.axes[2].centre, s.tn.ubar_g[2], s.tn.one_minus_rho, s.t_coef[2]);
+    }
+    tab.rg[v] = rg;
+    tab.rl[v] = rl;
+  }
+  if (s.div && target_grad) {
+#pragma unroll 1
+    for (int i = g.t; i < gm.x_entries; i += g.size()) {
+      const T u = static_cast<T>(gm.x_origin + i) - cx;
+      tab.xt[i] = target_mean_grad(u, s.axes[0].centre, s.tn.ubar_g[0], s.tn.one_minus_rho, s.t_coef[0]);
+    }
+  }
+  if (!s.div && hot) {  // the hot path reads the target tables: a flat, zero target
+#pragma unroll 1
+    for (int i = g.t; i < gm.x_entries; i += g.size()) tab.xg[i] = T(0);
+  }
+  g.sync();
+
+  // the element pass
+  const T q_scale = s.div ? s.tn.scale * (hot ? T(1) / s.inv_p : T(1)) : T(0);
+  T acc[4] = {T(0), T(0), T(0), T(0)};  // target-mean gradient x, y, z; beta gradient
+  Vals<T, V> unaligned[C];                // the gradient of a map whose rows are not aligned
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int v = tp.row(c);
+    const RowCoords<T> r = gm.coords[v];
+    const RowMemory rm = gm.memory[v];
+    const int xi = r.xbase + tp.x_t;
+    const Vals<T, V> x = tile.get(c);
+    const Vals<T, V> xgrad = *reinterpret_cast<const Vals<T, V>*>(tab.xgrad + xi);
+    const T row_grad = tab.rgrad[v];
+    Vals<T, V> xg;
+    T row_q = T(0), row_l = T(0);
+    if (hot || s.div) {
+      xg = *reinterpret_cast<const Vals<T, V>*>(tab.xg + xi);
+      row_q = tab.rg[v] * q_scale;
+      row_l = tab.rl[v] - s.tn.log2_norm;
+    }
+    Vals<T, V> out;
+    T wsum = T(0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const T z = x.v[k];
+      T p, l2p, q = T(0), G = xgrad.v[k] + row_grad, af = T(0);
+      if (hot) {
+        const T l2w = softmax_log2_weight(z, s.shift, s.bl);
+        const T e = A::exp2(l2w);
+        af = max_with(l2w, Precision<T>::kLog2Floor);
+        const T wq = xg.v[k] * row_q;
+        const T lg = A::log2(max_with(e + wq, Precision<T>::kMinNormal));
+        out.v[k] = e * (G + s.omega_s * (af - lg));
+        p = e * s.inv_p;
+        l2p = af + s.log2_inv_p;
+        q = wq * s.inv_p;
+      } else {
+        T f;
+        if (md.softmax()) {
+          const T l2w = softmax_log2_weight(z, s.shift, s.bl);
+          p = A::exp2(l2w) * s.inv_p;
+          l2p = A::floor_at(l2w + s.log2_inv_p, Precision<T>::kLog2Floor);
+          af = max_with(l2w, Precision<T>::kLog2Floor);
+          f = s.beta * p;
+        } else if (md.none()) {
+          p = z;
+          l2p = A::floor_at(A::log2(p), Precision<T>::kLog2Floor);
+          f = T(1);
+        } else if (s.uniform) {
+          const bool valid = k < rm.xcount - tp.x_t;
+          p = valid ? s.inv_p : T(0);
+          l2p = valid ? s.log2_inv_p : Precision<T>::kLog2Floor;
+          f = T(0);
+        } else {
+          const T rz = rectify(z, md.norm());
+          p = rz * s.inv_p;
+          l2p = rectified_log2(z, rz, md.norm()) + s.log2_inv_p;
+          f = rectify_grad(z, md.norm()) * s.inv_p;
+        }
+        if (s.div) {
+          q = xg.v[k] * row_q;
+          const T l2q = tab.xl[xi + k] + row_l;
+          const bool exact = !md.softmax();
+          G += s.omega_s * (md.reg() == Regularizer::JS ? js_grad_p(p, l2p, q, l2q, exact)
+                                                        : kl_grad_p(p, l2p, q, l2q, exact));
+        }
+        out.v[k] = s.uniform ? T(0) : f * G;  // the uniform fallback has no gradient, even NaN
+      }
+      if (beta_grad) acc[3] += af * out.v[k];
+      if (target_grad && s.div) {
+        const T l2q = tab.xl[xi + k] + row_l;
+        const T w = md.reg() == Regularizer::JS ? js_target_weight(p, l2p, q, l2q) : kl_target_weight(p, q);
+        acc[0] += w * tab.xt[xi + k];
+        wsum += w;
+      }
+    }
+    if (target_grad && s.div) {
+      acc[1] += tab.rty[v] * wsum;
+      acc[2] += tab.rtz[v] * wsum;
+    }
+    store_chunk<scalar_t, C>(grad_map, rm, tp.x_t, a.vec_out, c, out, unaligned);
+  }
+  if (!a.vec_out) store_tile_masked<scalar_t, C>(grad_map, gm.memory, tp.row0, tp.row_step, tp.x_t, unaligned);
+  if (target_grad || beta_grad) {
+    g.sum(acc, 0);
+    if (g.t == 0) {
+      T* out = a.partials + (static_cast<int64_t>(m) * a.slices + slice) * 4;
+      for (int k = 0; k < L.dims; ++k) {
+        out[k] = (s.div ? s.up.omega * acc[k] : T(0)) + (slice == 0 ? s.up.target_direct[k] : T(0));
+      }
+      out[3] = acc[3] / (s.beta * s.beta * T(kLog2e));
+    }
+  } else {
+    g.sync();  // the tables are rewritten for the next map
+  }
+}
+
+template <typename scalar_t, bool kWarp>
+__global__ void __launch_bounds__(256, 3) dsnt_bwd_kernel(const BwdArgs<scalar_t> a) {
+  using T = acc_t<scalar_t>;
+  constexpr int C = kChunksPerThread<scalar_t, TileKind::Backward>;
+  const TileLayout& L = a.layout;
+  const int warps = static_cast<int>(blockDim.x / 32);
+  const SmemPlan& sp = a.smem;
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  // A CTA always works on the same slice of its maps (the host makes the grid a multiple of
+  // `slices`), so its row records are built once.
+  const int slice = kWarp ? 0 : static_cast<int>(blockIdx.x) % a.slices;
+  const int v_first = slice * L.slice_vrows;
+  GroupMemory<T> gm;
+  gm.x_entries = sp.x_entries;
+  gm.x_origin = L.rows == 1 ? v_first * L.row_width : 0;
+  gm.own_x = slice == 0 || L.rows == 1;
+  gm.own_yz = slice == 0;
+  RowCoords<T>* rc = reinterpret_cast<RowCoords<T>*>(smem + sp.coords);
+  RowMemory* rm = reinterpret_cast<RowMemory*>(smem + sp.memory);
+  gm.coords = rc;
+  gm.memory = rm;
+  build_records(L, v_first, gm.x_origin, rc, rm);
+  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
+  const int t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  unsigned char* block = smem + sp.groups + group * sp.group_bytes;
+  T* scratch = reinterpret_cast<T*>(block + sp.scratch);
+  const BwdTables<T> tab = carve_backward_tables<T>(block, sp);
+  const TilePlace<T> tp = tile_place<T>(L, t);
+  DSNT_SYNCTHREADS(records_built);
+  if constexpr (kWarp) {
+    const WarpGroup<T> g{t, scratch};
+    for (int m = static_cast<int>(blockIdx.x) * warps + group; m < a.maps; m += static_cast<int>(gridDim.x) * warps) {
+      backward_map(a, m, 0, g, tp, gm, tab);
+    }
+  } else {
+    const CtaGroup<T> g{t, warps, scratch};
+    const int stride = static_cast<int>(gridDim.x) / a.slices;
+    for (int m = static_cast<int>(blockIdx.x) / a.slices; m < a.maps; m += stride) {
+      backward_map(a, m, slice, g, tp, gm, tab);
+    }
+  }
+}
+
+}  // namespace dsnt_cuda

@@ -1,0 +1,6 @@
+// The backward warp class kernels for the four logits dtypes (launchers.h).
+#include "launcher_impl.cuh"
+
+namespace dsnt_cuda {
+DSNT_INSTANTIATE_LAUNCHERS(SizeClass::Warp, true)
+}  // namespace dsnt_cuda

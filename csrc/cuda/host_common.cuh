@@ -1,0 +1,102 @@
+// Host code shared by the CUDA ops' entry points (host_forward.cu, host_backward.cu): the launch
+// plan of a call on its device, and the kernel arguments every launch shares.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "dsnt_ops.h"
+#include "launchers.h"
+#include "torch_launch.cuh"
+
+#ifndef DSNT_CUDA_EMULATION
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace dsnt_cuda {
+
+
+inline const char* forced_class() { return std::getenv("DSNT_CUDA_FORCE_CLASS"); }
+
+template <bool kBackward, typename scalar_t>
+int ctas_per_sm(SizeClass c, int threads, size_t smem) {
+  switch (c) {
+    case SizeClass::Warp:
+      return Launcher<SizeClass::Warp, kBackward, scalar_t>::ctas_per_sm(threads, smem);
+    case SizeClass::Block:
+      return Launcher<SizeClass::Block, kBackward, scalar_t>::ctas_per_sm(threads, smem);
+    case SizeClass::Cluster:
+      if constexpr (kBackward) return Launcher<SizeClass::Block, true, scalar_t>::ctas_per_sm(threads, smem);
+      else return Launcher<SizeClass::Cluster, false, scalar_t>::ctas_per_sm(threads, smem);
+    default:
+      if constexpr (kBackward) return Launcher<SizeClass::Block, true, scalar_t>::ctas_per_sm(threads, smem);
+      else return Launcher<SizeClass::Streamed, false, scalar_t>::ctas_per_sm(threads, smem);
+  }
+}
+
+template <bool kBackward, typename scalar_t>
+LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g) {
+  PlanInput in;
+  in.dims = g.dims;
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    in.size[k] = g.size[k];
+    in.stride[k] = k < g.dims ? logits.stride(logits.dim() - 1 - k) : 0;
+  }
+  in.maps = g.maps;
+  in.elem_size = static_cast<int>(logits.element_size());
+  in.backward = kBackward;
+  in.force = forced_class();
+  DeviceInfo dev;
+#ifdef DSNT_CUDA_EMULATION
+  dev.sms = 2;
+#else
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(logits.device().index());
+  dev.sms = prop->multiProcessorCount;
+  dev.clusters = prop->major >= 9;
+  dev.max_cluster = dev.clusters ? 16 : 1;
+  dev.max_smem_per_cta = static_cast<int>(prop->sharedMemPerBlockOptin);
+#endif
+  dev.ctas_per_sm = [](SizeClass c, bool, int threads, size_t smem) {
+    return ctas_per_sm<kBackward, scalar_t>(c, threads, smem);
+  };
+  dev.max_active_clusters = [](int cluster, int threads, size_t smem) {
+    return Launcher<SizeClass::Cluster, false, scalar_t>::max_active_clusters(cluster, threads, smem);
+  };
+  LaunchPlan p = plan_launch(in, dev);
+  if (p.cls == SizeClass::Cluster && !kBackward && dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
+    dev.max_cluster = 8;  // no non-portable cluster sizes on this device: the portable limit
+    p = plan_launch(in, dev);
+  }
+  return p;
+}
+
+template <typename scalar_t>
+void fill_map_args(MapArgs<scalar_t>& a, const at::Tensor& logits, const MapGeometry& g, const OpOptions& o,
+                   const LaunchPlan& p, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& beta,
+                   const at::Tensor& sigma) {
+  using T = acc_t<scalar_t>;
+  TORCH_CHECK_VALUE(g.maps < (int64_t{1} << 31), "dsnt_cuda: at most 2^31 - 1 maps (B * L), got ", g.maps);
+  a.logits = logits.const_data_ptr<scalar_t>();
+  a.stride_b = logits.stride(0);
+  a.stride_l = logits.stride(1);
+  a.layout = p.layout;
+  a.maps = static_cast<int>(g.maps);
+  a.keypoints = FastDivmod(static_cast<uint32_t>(g.keypoints));
+  a.modes = Modes{o.normalization, o.reg};
+  a.coord_loss = o.coord_loss;
+  a.normalized = o.normalized;
+  a.reg_weight = static_cast<T>(o.reg_weight);
+  a.beta = per_map_scalar<T>(beta, o.beta);
+  a.sigma_t = per_map_scalar<T>(sigma, o.sigma_t);
+  a.target = target.defined() ? target.const_data_ptr<T>() : nullptr;
+  a.mask = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
+  a.smem = p.carve;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace dsnt_cuda
