@@ -1,97 +1,139 @@
-"""Builds csrc/cuda/dsnt_kernel.cu as host C++ over shim.h, so its kernels run without a GPU.
+"""Builds this project's CUDA sources as host C++ over the emulator (shim.h), plain or sanitized.
 
-The CUDA source is used as it is, with a few mechanical rewrites (each must match, or the build
-stops and says which): the CUDA runtime includes become shim.h, dynamic shared memory comes from
-the shim, the launch syntax `kernel<<<grid, threads, smem, stream>>>(a)` becomes
-`emu_launch(grid.x, threads, smem, [&] { kernel(a); })`, the CUDA-only host lines (device guard,
-stream, launch check, dispatch registration) go, and outputs are filled with NaN instead of left
-uninitialized, so an unwritten element shows. csrc/dsnt_ops.cpp (the shared input checks) is
-compiled alongside without its op registration, in namespace dsnt_emu, so the module cannot
-clash with the real extension. `load()` returns a module with fwd(...) and bwd(...), the
-arguments and results of dsnt_fwd / dsnt_bwd (csrc/OPS.md).
+The sources are compiled as they are, with `-x c++ -DDSNT_CUDA_EMULATION`: csrc/cuda/launch.cuh
+then includes shim.h and launches on the emulator, and csrc/cuda/torch_launch.cuh makes the ops
+take CPU tensors, register for the CPU key and fill outputs with NaN. Two kinds of target:
+  - "ops-*": csrc/cuda/dsnt_kernel.cu + csrc/dsnt_ops.cpp as a shared library registering the ops
+    of csrc/OPS.md as torch.ops.dsnt_emu (`-Ddsnt_cuda=dsnt_emu`, so it cannot clash with the
+    real extension); load it with load_ops(). Only the kernels are sanitized: dsnt_ops.cpp (input
+    checks) is compiled once, plain, for all of them.
+  - "selftest-*": tests/cuda_emulation/selftest.cu, a program testing the emulator itself.
+One ninja file holds every target (cached, incremental, at most 2 compile jobs); build() builds
+those asked for. A sanitized target runs only with its runtime preloaded: sanitizer_env().
 """
 
 import os
-import re
+import shlex
+import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+BUILD = ROOT / "build" / "cuda_emulation"
+CXX = os.environ.get("CXX", "c++")
 
-BINDINGS = """
-#include <torch/extension.h>
-namespace dsnt_cuda {
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_fwd(
-    const at::Tensor& logits, const std::optional<at::Tensor>& target, std::string normalization,
-    double beta, bool normalized, std::string reg, double sigma) {
-  return dsnt_fwd_cuda(logits, target, normalization, beta, normalized, reg, sigma);
+SANITIZE = {
+    "plain": [],
+    "tsan": ["-fsanitize=thread"],
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
-std::tuple<at::Tensor, at::Tensor> emu_bwd(
-    const std::optional<at::Tensor>& gc, const std::optional<at::Tensor>& gv,
-    const std::optional<at::Tensor>& gr, const at::Tensor& logits,
-    const std::optional<at::Tensor>& target, const at::Tensor& coords, const at::Tensor& variance,
-    const at::Tensor& stats, std::string normalization, double beta, bool normalized,
-    std::string reg, double sigma, bool needs_target_grad) {
-  return dsnt_bwd_cuda(gc, gv, gr, logits, target, coords, variance, stats, normalization, beta,
-                       normalized, reg, sigma, needs_target_grad);
+# target name -> (sanitizer, extra compile flags)
+OPS_TARGETS = {
+    "ops-plain": ("plain", []),
+    "ops-tsan": ("tsan", []),
+    "ops-asan": ("asan", []),
+    # The proof that TSan sees the race the reduction barrier prevents (float kernels only: quicker).
+    "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_REPORT_FLOAT_ONLY"]),
 }
-}  // namespace dsnt_cuda
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &dsnt_cuda::emu_fwd);
-  m.def("bwd", &dsnt_cuda::emu_bwd);
-}
-"""
+SELFTEST_TARGETS = {f"selftest-{s}": s for s in SANITIZE}
 
 
-def _rewrite(text: str, pattern: str, replacement: str, expected: int, flags=0) -> str:
-    new, count = re.subn(pattern, replacement, text, flags=flags)
-    if count != expected:
-        raise RuntimeError(
-            f"cuda emulation: rewrite {pattern!r} matched {count} times, expected {expected}: "
-            "csrc/cuda/dsnt_kernel.cu changed shape; update tests/cuda_emulation/emulate.py"
-        )
-    return new
+@cache
+def _torch_flags():
+    import torch
+
+    top = Path(torch.__file__).parent
+    includes = [f"-isystem {top / 'include'}", f"-isystem {top / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    lib = top / "lib"
+    return " ".join(includes + [abi]), f"-L{lib} -Wl,-rpath,{lib} -lc10 -ltorch_cpu"
 
 
-def kernel_source() -> str:
-    s = (ROOT / "csrc" / "cuda" / "dsnt_kernel.cu").read_text()
-    s = _rewrite(s, r"#include <c10/cuda/CUDAException\.h>\n", '#include "shim.h"\n', 1)
-    s = _rewrite(s, r"#include <c10/cuda/CUDA(Guard|Stream)\.h>\n", "", 2)
-    s = _rewrite(s, r"extern __shared__ __align__\(16\) unsigned char dsnt_smem\[\];",
-                 "unsigned char* dsnt_smem = emu_smem_ptr;", 2)
-    s = _rewrite(s, r"\n\s*TORCH_CHECK\(logits\.is_cuda\(\)[^;]*;", "", 2)
-    s = _rewrite(s, r"\n\s*const c10::cuda::CUDAGuard guard\([^;]*;", "", 2)
-    s = _rewrite(s, r"\n\s*cudaStream_t stream = [^;]*;", "", 2)
-    s = _rewrite(s, r"\n\s*C10_CUDA_KERNEL_LAUNCH_CHECK\(\);", "", 2)
-    s = _rewrite(s, r"at::empty\((\{[^}]*\}|logits\.sizes\(\)),", r"at::full(\1, NAN,", 5)
-    s = _rewrite(s, r"(dsnt_(?:fwd|bwd)_kernel<[^;]*?>)<<<grid, l\.threads, l\.smem, stream>>>\(a\);",
-                 r"emu_launch(grid.x, l.threads, l.smem, [&] { \1(a); });", 6)
-    s = _rewrite(s, r"TORCH_LIBRARY_IMPL\(dsnt_cuda, CUDA, m\) \{.*?\n\}\n", "", 1, flags=re.S)
-    return s + BINDINGS
+def _output(target: str) -> Path:
+    return BUILD / target / ("dsnt_emu.so" if target in OPS_TARGETS else "selftest")
 
 
-def ops_source() -> str:
-    s = (ROOT / "csrc" / "dsnt_ops.cpp").read_text()
-    return _rewrite(s, r"TORCH_LIBRARY\(dsnt_cuda, m\) \{.*?\n\}\n", "", 1, flags=re.S)
+def _ninja_file() -> str:
+    torch_cflags, torch_ldflags = _torch_flags()
+    base = f"-std=c++20 -O1 -fno-fast-math -DDSNT_CUDA_EMULATION -I{ROOT / 'csrc'} -I{HERE}"
+    lines = [
+        f"cxx = {CXX}",
+        "rule cxx",
+        "  command = $cxx -MMD -MF $out.d $flags -x c++ -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "rule link",
+        "  command = $cxx $in -o $out $flags",
+        "",
+        f"build ops/dsnt_ops.o: cxx {ROOT / 'csrc' / 'dsnt_ops.cpp'}",
+        f"  flags = {base} -fPIC -Ddsnt_cuda=dsnt_emu {torch_cflags}",
+    ]
+    for target, (sanitizer, extra) in OPS_TARGETS.items():
+        san = " ".join(SANITIZE[sanitizer] + (["-g1"] if sanitizer != "plain" else []))
+        lines += [
+            f"build {target}/dsnt_kernel.o: cxx {ROOT / 'csrc' / 'cuda' / 'dsnt_kernel.cu'}",
+            f"  flags = {base} -fPIC -Ddsnt_cuda=dsnt_emu {san} {' '.join(extra)} {torch_cflags}",
+            f"build {target}/dsnt_emu.so: link {target}/dsnt_kernel.o ops/dsnt_ops.o",
+            f"  flags = -shared {san} {torch_ldflags}",
+        ]
+    for target, sanitizer in SELFTEST_TARGETS.items():
+        san = " ".join(SANITIZE[sanitizer] + ["-g1"])
+        lines += [
+            f"build {target}/selftest.o: cxx {HERE / 'selftest.cu'}",
+            f"  flags = {base} {san}",
+            f"build {target}/selftest: link {target}/selftest.o",
+            f"  flags = -pthread {san}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
-def load(build_dir: Path):
-    """Generate the sources under build_dir and build (or reuse) the emulated module."""
-    from torch.utils.cpp_extension import load as load_extension
+def ninja() -> str:
+    """The ninja next to this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).parent / "ninja"
+    return str(local) if local.exists() else "ninja"
 
-    # torch's load() needs ninja on PATH: the one installed next to this interpreter will do.
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for name, text in (("emu_kernel.cpp", kernel_source()), ("emu_ops.cpp", ops_source())):
-        path = build_dir / name
-        if not path.exists() or path.read_text() != text:  # keep ninja's timestamps when unchanged
-            path.write_text(text)
-        sources.append(str(path))
-    flags = ["-O1", "-std=c++20", "-Ddsnt_cuda=dsnt_emu", "-fno-fast-math",
-             f"-I{ROOT / 'csrc'}", f"-I{HERE}"]
-    return load_extension(name="dsnt_cuda_emulated", sources=sources, extra_cflags=flags,
-                          build_directory=str(build_dir), verbose=False)
+
+def build(*targets: str) -> list[Path]:
+    """Builds (or finds up to date) the named targets; returns their outputs, in order."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    ninja_file = BUILD / "build.ninja"
+    text = _ninja_file()
+    if not ninja_file.exists() or ninja_file.read_text() != text:  # keep ninja's state when unchanged
+        ninja_file.write_text(text)
+    outputs = [_output(t) for t in targets]
+    cmd = [ninja(), "-C", str(BUILD), "-j", "2"] + [str(o.relative_to(BUILD)) for o in outputs]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuda emulation build failed: {shlex.join(cmd)}\n{done.stdout[-20000:]}{done.stderr}")
+    return outputs
+
+
+def load_ops(library: Path):
+    """Loads an ops library into this process; returns its op namespace (dsnt_fwd, dsnt_bwd)."""
+    import torch
+
+    torch.ops.load_library(str(library))
+    return torch.ops.dsnt_emu
+
+
+def _runtime(name: str) -> str:
+    return subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def sanitizer_env(sanitizer: str) -> dict:
+    """The environment a process running a `sanitizer` build needs: its runtime preloaded (a
+    Python process does not link it), failing at the first report, one OpenMP thread (torch's own
+    threads are not instrumented; fewer threads, less noise and time)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if sanitizer == "tsan":
+        env["LD_PRELOAD"] = _runtime("libtsan.so")
+        env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66"
+    elif sanitizer == "asan":
+        # libstdc++ too: ASan must find __cxa_throw at start-up, before Python loads libstdc++.
+        env["LD_PRELOAD"] = f"{_runtime('libasan.so')} {_runtime('libstdc++.so.6')}"
+        env["ASAN_OPTIONS"] = "detect_leaks=0 exitcode=66"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1 halt_on_error=1"
+    return env
