@@ -188,14 +188,18 @@ def max_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
 FLOOR_ULPS = 64
 
 
-def assert_close(actual, exact, baseline, what: str):
+def assert_close(actual, exact, baseline, what: str, compute_dtype=None):
     """`actual` against the float64 `exact`, allowed twice `baseline`'s error (the reference in
-    the case's dtype; None: float64 inputs, where the floor alone applies)."""
+    the case's dtype; None: float64 inputs, where the floor alone applies). `compute_dtype`: the
+    dtype the value was computed in when narrower than its own (a float32 kernel's gradient of a
+    float64 target): the floor is in its ulps."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     a, e = actual.detach().cpu(), exact.detach().cpu()
     assert torch.equal(a.double().isnan(), e.double().isnan()), f"{what}: NaN pattern differs from the reference"
     assert torch.equal(a.double().isinf(), e.double().isinf()), f"{what}: inf pattern differs from the reference"
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
+    if compute_dtype is not None:
+        floor = max(floor, FLOOR_ULPS * torch.finfo(compute_dtype).eps)
     allowed = floor + (2 * max_error(baseline, exact) if baseline is not None else 0.0)
     err = max_error(a, e)
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
@@ -210,8 +214,9 @@ def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
     low = case.logits.dtype != torch.float64
     base_f = reference_forward(case, None) if low else (None,) * 5
     base_b = reference_backward(case, None) if low else (None,) * 3
+    acc = reference.accumulation_dtype(case.logits.dtype)  # what every kernel computes in
     for name, a, e, b in zip(FWD_OUTPUTS, outs, exact_f, base_f):
-        assert_close(a, e, b, f"{what} {name}")
+        assert_close(a, e, b, f"{what} {name}", acc)
     for name, a, e, b in zip(BWD_OUTPUTS, grads, exact_b, base_b):
-        assert_close(a, e, b, f"{what} {name}")
+        assert_close(a, e, b, f"{what} {name}", acc)
     return outs, grads

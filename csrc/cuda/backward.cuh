@@ -40,6 +40,7 @@ struct BwdMap {
   AxisGrad<T> ax[kMaxSpatialDims];
   T shift, bl, beta, inv_p, log2_inv_p, mass;
   bool uniform, div;       // uniform fallback; the divergence term is needed (omega != 0)
+  bool var_grad;           // a variance upstream (nu != 0) on a normalized map: see backward_map
   T table_scale;           // gradient tables are scaled by this (softmax + JS: beta / D)
   T row_const;             // added to every row's gradient part: -sum p G (+ omega' for JS)
   T omega_s;               // omega times the regularizer's scale (ln2/2 JS, ln2 KL), x table_scale
@@ -98,7 +99,11 @@ DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>&
   const T omega = s.div ? s.up.omega * reg_scale : T(0);
   sub += s.div ? s.up.omega * st[kStatDivGrad] : T(0);
   if (md.none()) sub = T(0);
-  s.row_const = s.table_scale * ((hot ? omega : T(0)) - sub);
+  s.var_grad = !md.none() && !s.uniform && (s.up.nu[0] != T(0) || s.up.nu[1] != T(0) || s.up.nu[2] != T(0)) &&
+               a.slices == 1;
+  // sum p G of the divergence alone when the tables are centred (var_grad), else all of it
+  const T div_sub = s.div ? s.up.omega * st[kStatDivGrad] : T(0);
+  s.row_const = s.table_scale * ((hot ? omega : T(0)) - (s.var_grad ? div_sub : sub));
   s.omega_s = s.table_scale * omega;
   if (md.divergence()) {
     target_axes(a.target + mn, sigma_t, L.size, n, s.axes);

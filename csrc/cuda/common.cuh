@@ -68,6 +68,19 @@ DSNT_DEV T load_cg(const T* p) {
 DSNT_DEV float max_with(float x, float lo) { return fmaxf(x, lo); }
 DSNT_DEV double max_with(double x, double lo) { return fmax(x, lo); }
 
+// A sum that carries its rounding error (Neumaier): the target-mean gradient is a small
+// difference of large terms of both signs, summed over the whole map.
+template <typename T>
+struct CompensatedSum {
+  T sum = T(0), error = T(0);
+  DSNT_DEV void add(T x) {
+    const T t = sum + x;
+    error += (sum < T(0) ? -sum : sum) >= (x < T(0) ? -x : x) ? (sum - t) + x : (x - t) + sum;
+    sum = t;
+  }
+  DSNT_DEV T value() const { return sum + error; }
+};
+
 // A per-map scalar (beta, sigma_t) of map (b, l): PerMapScalar::at with 32-bit indexing (its
 // (B, L) view has fewer than 2^31 elements).
 template <typename T>

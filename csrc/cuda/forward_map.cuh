@@ -232,7 +232,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
   }
   if (div) {
     g.sync();  // x, y, z tables written
-    fill_rows(L, gm.coords, gm.tab, g.t, g.size());
+    fill_rows(L, gm.coords, gm.memory, gm.tab, g.t, g.size());
   }
 
   // ---- pass 2: weights and first moments

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           T gy, ly, gz, lz;
           target_entry(axes[1], rc.uy, gy, ly);
           target_entry(axes[2], rc.uz, gz, lz);
-          row_q = gy * gz * q_scale;
+          row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
           row_l = ly + lz - tn.log2_norm;
 #pragma unroll
           for (int k = 0; k < V; ++k) {

@@ -37,6 +37,7 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
     return {grad_logits, at::zeros(per_point, opts.dtype(target_dtype)),
             reduce_beta_grad(at::zeros({g.batch, g.keypoints}, opts), beta_map, logits)};
   }
+  const at::Tensor z = kernel_logits(logits);
   const at::Tensor tgt = has_target ? optional_as(target, acc) : at::Tensor();
   const at::Tensor msk = optional_as(mask, acc);
   const at::Tensor beta_view = per_map_view(beta_map, g, acc);
@@ -49,15 +50,15 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
   at::Tensor partials;
   int slices = 1;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dsnt_bwd_cuda", [&] {
+  DSNT_DISPATCH_LOGITS(logits.scalar_type(), "dsnt_bwd_cuda", [&] {
     using T = acc_t<scalar_t>;
-    const LaunchPlan p = plan_for<true, scalar_t>(logits, g);
+    const LaunchPlan p = plan_for<true, scalar_t>(z, g);
     slices = p.slices;
     if (target_grad || beta_grad) partials = empty_output({g.maps, slices, 4}, opts);
     BwdArgs<scalar_t> a{};
-    fill_map_args<scalar_t>(a, logits, g, o, p, tgt, msk, beta_view, sigma_view);
+    fill_map_args<scalar_t>(a, z, g, o, p, tgt, msk, beta_view, sigma_view);
     a.grad_logits = grad_logits.data_ptr<scalar_t>();
-    a.vec_out = p.layout.size[0] % p.layout.vec == 0;
+    a.vec_out = p.layout.whole_out_chunks;
     a.slices = p.slices;
     a.coords = c.const_data_ptr<T>();
     a.variance = v.const_data_ptr<T>();

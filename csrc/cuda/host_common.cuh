@@ -16,6 +16,32 @@
 
 namespace dsnt_cuda {
 
+// The entry points (host_forward.cu, host_backward.cu), registered in host.cu.
+ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
+                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
+                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization, double beta,
+                            bool normalized_coordinates, c10::string_view reg, double sigma_t,
+                            c10::string_view coord_loss, double reg_weight);
+BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
+                             const std::optional<at::Tensor>& grad_variance,
+                             const std::optional<at::Tensor>& grad_reg_losses,
+                             const std::optional<at::Tensor>& grad_coord_losses,
+                             const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                             const std::optional<at::Tensor>& beta_map, const std::optional<at::Tensor>& sigma_t_map,
+                             const at::Tensor& coords, const at::Tensor& variance, const at::Tensor& stats,
+                             c10::string_view normalization, double beta, bool normalized_coordinates,
+                             c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight,
+                             bool needs_target_grad, bool needs_beta_grad);
+
+// Logits whose in-map element offsets fit 32 bits (the kernels' row offsets): the tensor
+// itself, or (a map spanning 2^31 elements or more of memory, e.g. huge strides) a contiguous copy.
+inline at::Tensor kernel_logits(const at::Tensor& logits) {
+  int64_t extent = 0;
+  for (int64_t d = 2; d < logits.dim(); ++d) extent += (logits.size(d) - 1) * logits.stride(d);
+  return extent < (int64_t{1} << 31) ? logits : logits.contiguous();
+}
+
 
 inline const char* forced_class() { return std::getenv("DSNT_CUDA_FORCE_CLASS"); }
 

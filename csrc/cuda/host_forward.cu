@@ -28,6 +28,7 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
     if (with_loss) loss.zero_();  // the mean over no maps: 0 / max(0, 1)
     return {coords, variance, reg_losses, coord_losses, loss, stats};
   }
+  const at::Tensor z = kernel_logits(logits);
   const at::Tensor tgt = o.needs_target() ? optional_as(target, acc) : at::Tensor();
   const at::Tensor msk = with_loss ? optional_as(mask, acc) : at::Tensor();
   const at::Tensor beta_view = per_map_view(beta_map, g, acc);
@@ -41,11 +42,11 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
     C10_CUDA_CHECK(cudaMemsetAsync(arrivals.data_ptr(), 0, sizeof(int), current_stream()));
 #endif
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dsnt_fwd_cuda", [&] {
+  DSNT_DISPATCH_LOGITS(logits.scalar_type(), "dsnt_fwd_cuda", [&] {
     using T = acc_t<scalar_t>;
-    const LaunchPlan p = plan_for<false, scalar_t>(logits, g);
+    const LaunchPlan p = plan_for<false, scalar_t>(z, g);
     FwdArgs<scalar_t> a{};
-    fill_map_args<scalar_t>(a, logits, g, o, p, tgt, msk, beta_view, sigma_view);
+    fill_map_args<scalar_t>(a, z, g, o, p, tgt, msk, beta_view, sigma_view);
     a.coords = coords.data_ptr<T>();
     a.variance = variance.data_ptr<T>();
     a.reg_losses = reg_losses.data_ptr<T>();

@@ -52,6 +52,7 @@ TileLayout make_layout(const PlanInput& in, int group, int chunks) {
   L.segs_div = FastDivmod(static_cast<uint32_t>(L.segs));
   L.size_y_div = FastDivmod(static_cast<uint32_t>(L.size[1]));
   const bool padded = L.tile_rows * L.cols != group || L.vrows % L.slice_vrows != 0 || L.size[0] % L.row_width != 0;
+  L.whole_out_chunks = !padded;
   L.whole_chunks = !padded && in.stride[0] == 1 && (in.stride[1] * in.elem_size) % 16 == 0 &&
                    (in.stride[2] * in.elem_size) % 16 == 0;
   return L;

@@ -127,7 +127,7 @@ struct CtaGroup {
     const T mine = warp_reduce_scatter(v, t & 31, index, owner);
     T* s = scratch + round * warps * kMaxReduce;
     if (owner) s[(t >> 5) * NV + index] = mine;
-    DSNT_SYNCTHREADS(reduce_publish);
+    DSNT_SYNCTHREADS(reduction);
     T total = T(0);
     const int lane = t & 31;
     if (lane < NV) {

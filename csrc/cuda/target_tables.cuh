@@ -59,7 +59,7 @@ template <typename T>
 struct AxisPartial {
   T g = T(0);   // sum g~
   T gl = T(0);  // sum g~ l      (forward: sum q log2 q)
-  T gu = T(0);  // sum g~ u      (backward: the target factor's own mean)
+  T gu = T(0);  // sum g~ (u - m) (backward: the target factor's own mean, as an offset from m)
 };
 
 // Where the tables of one group live (all in dynamic shared memory).
@@ -98,7 +98,7 @@ DSNT_DEV void fill_axes(const TargetAxis<T> (&axes)[kMaxSpatialDims], const int 
     *g = gv;
     *l = lv;
     if (on_x ? own_x : own_yz) {
-      const T gl = gv * lv, gu = gv * u;
+      const T gl = gv * lv, gu = gv * (u - a.centre);
       sums[0].g += k == 0 ? gv : T(0);
       sums[0].gl += k == 0 ? gl : T(0);
       sums[0].gu += k == 0 ? gu : T(0);
@@ -112,18 +112,25 @@ DSNT_DEV void fill_axes(const TargetAxis<T> (&axes)[kMaxSpatialDims], const int 
   }
 }
 
-// The row table from the y and z tables: entry v for virtual row v of the group (after a sync
-// that made the y, z tables visible). `records` give each row's centred y, z.
+// y, z table index of a row record; -1 for a padding row (beyond the map or slice), whose
+// elements must see a zero target.
 template <typename T>
-DSNT_DEV void fill_rows(const TileLayout& L, const RowCoords<T>* records, const TargetTables<T>& tab, int t,
-                        int step) {
-  const T cy = centred_offset<T>(L.size[1]), cz = centred_offset<T>(L.size[2]);
+DSNT_DEV void row_indices(const TileLayout& L, const RowCoords<T>& rc, const RowMemory& rm, int& y, int& z) {
+  y = rm.xcount > 0 ? static_cast<int>(rc.uy + centred_offset<T>(L.size[1])) : -1;
+  z = static_cast<int>(rc.uz + centred_offset<T>(L.size[2]));
+}
+
+// The row table from the y and z tables: entry v for virtual row v of the group, the padding
+// record included (after a sync that made the y, z tables visible).
+template <typename T>
+DSNT_DEV void fill_rows(const TileLayout& L, const RowCoords<T>* records, const RowMemory* memory,
+                        const TargetTables<T>& tab, int t, int step) {
 #pragma unroll 1
-  for (int v = t; v < L.slice_vrows; v += step) {
-    const RowCoords<T> rc = records[v];
-    const int y = static_cast<int>(rc.uy + cy), z = static_cast<int>(rc.uz + cz);
-    tab.rg[v] = tab.yg[y] * tab.zg[z];
-    tab.rl[v] = tab.yl[y] + tab.zl[z];
+  for (int v = t; v <= L.slice_vrows; v += step) {
+    int y, z;
+    row_indices(L, records[v], memory[v], y, z);
+    tab.rg[v] = y >= 0 ? tab.yg[y] * tab.zg[z] : T(0);
+    tab.rl[v] = y >= 0 ? tab.yl[y] + tab.zl[z] : Precision<T>::kLog2Floor;
   }
 }
 

@@ -43,6 +43,9 @@ struct TileLayout {
   // (stride_x == 1, aligned rows, no padding chunk): a map whose base is 16-byte aligned is
   // read in 16-byte vectors (checked per map in the kernels).
   bool whole_chunks = false;
+  // No padding chunk and S_x a multiple of V: every chunk of the (contiguous) gradient is a whole,
+  // aligned 16-byte store.
+  bool whole_out_chunks = false;
   FastDivmod segs_div, size_y_div;  // virtual row -> (row, segment), row -> (z, y)
 };
 
