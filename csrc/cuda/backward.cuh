@@ -86,7 +86,7 @@ DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>&
   s.inv_p = md.none() ? T(1) : (s.uniform ? T(1) / T(L.map_size) : T(1) / denom);
   s.log2_inv_p = md.none() ? T(0) : -Arith<T>::log2(s.uniform ? T(L.map_size) : denom);
   s.div = md.divergence() && s.up.omega != T(0);
-  const bool hot = md.softmax_js() && s.div;
+  const bool hot = md.softmax_js();  // the element pass's form (backward_kernel.cuh), omega 0 or not
   s.table_scale = hot ? s.beta * s.inv_p : T(1);
   T sub = T(0);  // sum_j p_j G_j (docs/math.md §6); "none" subtracts nothing
   for (int k = 0; k < n; ++k) {

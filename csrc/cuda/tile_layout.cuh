@@ -78,7 +78,7 @@ DSNT_DEV void row_record(const TileLayout& L, int v, int x_origin, RowCoords<T>&
   rc.xoff = static_cast<T>(x0) - centred_offset<T>(L.size[0]);
   rc.uy = L.dims >= 2 ? static_cast<T>(y) - centred_offset<T>(L.size[1]) : T(0);
   rc.uz = L.dims >= 3 ? static_cast<T>(z) - centred_offset<T>(L.size[2]) : T(0);
-  rc.xbase = x0 - x_origin;
+  rc.xbase = live ? x0 - x_origin : 0;  // a padding row reads (zero-weight) entry 0 onwards
   rm.offset = static_cast<int>(x0 * L.stride_x + y * L.stride_y + z * L.stride_z);  // < 2^31 (host.cu)
   const int left = L.size[0] - x0;
   rm.xcount = live ? (left < L.row_width ? left : L.row_width) : 0;
