@@ -49,11 +49,11 @@ struct BwdMap {
   TargetAxis<T> axes[kMaxSpatialDims];
 };
 
-template <typename scalar_t>
+template <bool kStandard, typename scalar_t>
 DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>& a, int m, uint32_t b, uint32_t l) {
   using T = acc_t<scalar_t>;
   const TileLayout& L = a.layout;
-  const Modes md = a.modes;
+  const auto md = modes_view<kStandard>(a.modes);
   const int n = L.dims;
   const int64_t mn = static_cast<int64_t>(m) * n;
   BwdMap<T> s{};
@@ -99,8 +99,8 @@ DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>&
   const T omega = s.div ? s.up.omega * reg_scale : T(0);
   sub += s.div ? s.up.omega * st[kStatDivGrad] : T(0);
   if (md.none()) sub = T(0);
-  s.var_grad = !md.none() && !s.uniform && (s.up.nu[0] != T(0) || s.up.nu[1] != T(0) || s.up.nu[2] != T(0)) &&
-               a.slices == 1;
+  s.var_grad = !kStandard && !md.none() && !s.uniform && a.slices == 1 &&
+               (s.up.nu[0] != T(0) || s.up.nu[1] != T(0) || s.up.nu[2] != T(0));
   // sum p G of the divergence alone when the tables are centred (var_grad), else all of it
   const T div_sub = s.div ? s.up.omega * st[kStatDivGrad] : T(0);
   s.row_const = s.table_scale * ((hot ? omega : T(0)) - (s.var_grad ? div_sub : sub));

@@ -14,7 +14,7 @@ namespace dsnt_cuda {
 #define DSNT_EXTRA_GRADS(flag) (flag)
 #endif
 
-template <typename scalar_t, class Group>
+template <typename scalar_t, bool kStandard, class Group>
 DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const Group& g,
                            const TilePlace<acc_t<scalar_t>>& tp, const GroupMemory<acc_t<scalar_t>>& gm,
                            const BwdTables<acc_t<scalar_t>>& tab) {
@@ -23,10 +23,11 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   constexpr int V = kChunkElems<scalar_t>;
   constexpr int C = kChunksPerThread<scalar_t, TileKind::Backward>;
   const TileLayout& L = a.layout;
-  const Modes md = a.modes;
+  const auto md = modes_view<kStandard>(a.modes);
   const bool hot = md.softmax_js();
-  const bool target_grad = DSNT_EXTRA_GRADS(a.needs_target_grad);
-  const bool beta_grad = DSNT_EXTRA_GRADS(a.needs_beta_grad) && md.softmax();
+  // the standard-loss kernel is launched without target, beta or variance gradients
+  const bool target_grad = !kStandard && DSNT_EXTRA_GRADS(a.needs_target_grad);
+  const bool beta_grad = !kStandard && DSNT_EXTRA_GRADS(a.needs_beta_grad) && md.softmax();
 
   uint32_t b, l;
   a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
@@ -37,7 +38,7 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   RegisterTile<T, C, V> tile;
   load_tile<scalar_t, C>(tile, map, gm.memory, tp.row0, tp.row_step, tp.x_t, L.stride_x, vec, pad);
 
-  BwdMap<T> s = backward_map_constants(a, m, b, l);
+  BwdMap<T> s = backward_map_constants<kStandard>(a, m, b, l);
   // With a variance upstream on a map one group holds, G - sum p G is formed axis by axis from
   // this pass's own first and second moments (axis_grad_centred): nu (u - ubar)^2 and nu Var
   // are in the thousands on a wide map while their difference is in the hundreds, and the
@@ -182,15 +183,21 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
     }
     return e;
   };
+  // the standard kernel's x is the same in every chunk: its x table entries once per map
+  Vals<T, V> xgrad_t{}, xg_t{};
+  if (kStandard) {
+    xgrad_t = *reinterpret_cast<const Vals<T, V>*>(tab.xgrad + tp.x_t);
+    xg_t = *reinterpret_cast<const Vals<T, V>*>(tab.xg + tp.x_t);
+  }
   auto chunk_tables = [&](int c, int& v, int& xi, int& count, Vals<T, V>& xgrad, Vals<T, V>& xg, T& row_grad,
                           T& row_q, T& row_l) {
     v = tp.row(c);
     xi = gm.coords[v].xbase + tp.x_t;
     count = gm.memory[v].xcount - tp.x_t;
-    xgrad = *reinterpret_cast<const Vals<T, V>*>(tab.xgrad + xi);
+    xgrad = kStandard ? xgrad_t : *reinterpret_cast<const Vals<T, V>*>(tab.xgrad + xi);
     row_grad = tab.rgrad[v];
     if (hot || s.div) {
-      xg = *reinterpret_cast<const Vals<T, V>*>(tab.xg + xi);
+      xg = kStandard ? xg_t : *reinterpret_cast<const Vals<T, V>*>(tab.xg + xi);
       row_q = tab.rg[v] * q_scale;
       row_l = tab.rl[v] - s.tn.log2_norm;
     }
@@ -242,7 +249,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   }
 }
 
-template <typename scalar_t, bool kWarp>
+// kStandard: the standard-loss kernel (kernel_args.cuh, StandardModes).
+template <typename scalar_t, bool kWarp, bool kStandard>
 __global__ void __launch_bounds__(256, 3) dsnt_bwd_kernel(const BwdArgs<scalar_t> a) {
   using T = acc_t<scalar_t>;
   constexpr int C = kChunksPerThread<scalar_t, TileKind::Backward>;
@@ -276,13 +284,13 @@ __global__ void __launch_bounds__(256, 3) dsnt_bwd_kernel(const BwdArgs<scalar_t
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
     for (int m = static_cast<int>(blockIdx.x) * warps + group; m < a.maps; m += static_cast<int>(gridDim.x) * warps) {
-      backward_map(a, m, 0, g, tp, gm, tab);
+      backward_map<scalar_t, kStandard>(a, m, 0, g, tp, gm, tab);
     }
   } else {
     const CtaGroup<T> g{t, warps, scratch};
     const int stride = static_cast<int>(gridDim.x) / a.slices;
     for (int m = static_cast<int>(blockIdx.x) / a.slices; m < a.maps; m += stride) {
-      backward_map(a, m, slice, g, tp, gm, tab);
+      backward_map<scalar_t, kStandard>(a, m, slice, g, tp, gm, tab);
     }
   }
 }

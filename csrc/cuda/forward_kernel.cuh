@@ -48,7 +48,8 @@ constexpr int kFwdThreads = kClass == FwdClass::Block ? 128 : 256;
 template <FwdClass kClass>
 constexpr int kFwdMinBlocks = kClass == FwdClass::Warp ? 3 : (kClass == FwdClass::Block ? 4 : 2);
 
-template <typename scalar_t, FwdClass kClass>
+// kStandard: the standard-loss kernel (kernel_args.cuh, StandardModes).
+template <typename scalar_t, FwdClass kClass, bool kStandard>
 __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     dsnt_fwd_kernel(const FwdArgs<scalar_t> a) {
   using T = acc_t<scalar_t>;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
     RegisterTile<T, C, V> tile;
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
   } else if constexpr (kCluster) {
     ClusterGroup<T> g;
     g.t = t;
@@ -106,11 +107,11 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     g.rank = rank;
     g.ranks = ranks;
     SharedTile<T, C, V> tile{reinterpret_cast<T*>(smem + sp.tile) + t * V, static_cast<int>(blockDim.x) * V};
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
   } else {
     const CtaGroup<T> g{t, warps, scratch};
     RegisterTile<T, C, V> tile;
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
   }
   finish_loss(a, reinterpret_cast<T*>(smem + sp.groups));
   if constexpr (kCluster) cluster_sync();  // no CTA leaves while another may read its slots

@@ -37,14 +37,16 @@ DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowM
   rm.pad_ = 0;
 }
 
-template <typename scalar_t>
+// kStandard: the standard loss's modes (softmax + JS) known at compile time.
+template <typename scalar_t, bool kStandard>
 __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs<scalar_t> a) {
   using T = acc_t<scalar_t>;
   using A = Arith<T>;
+  using M = ModesOf<kStandard>;
   constexpr int V = kChunkElems<scalar_t>;
   constexpr int C = kStreamedChunks<scalar_t>;
   const TileLayout& L = a.layout;
-  const Modes md = a.modes;
+  const M md = modes_view<kStandard>(a.modes);
   const bool softmax = md.softmax(), div = md.divergence(), scaled_js = md.softmax_js();
   T* scratch = dynamic_smem<T>();
   const CtaGroup<T> g{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x / 32), scratch};
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           RowCoords<T> rc;
           RowMemory rm;
           streamed_record(L, vrow(tile, c), rc, rm);
-          weigh_chunk(md, cur.get(c), run, bl, rc, ek, s4);
+          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4);
         }
       }
       cur = next;
@@ -157,7 +159,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     }
 
     // ---- pass B
-    SecondPass<T> sp{{md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
+    SecondPass<T, M> sp{{md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
     sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
     sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
     const T q_scale = tn.scale * (scaled_js ? s[0] : T(1));

@@ -54,7 +54,8 @@ std::string cuda_launch_plan_json(int64_t batch, int64_t keypoints, const std::v
     << ", \"hbm_writes\": " << p.hbm_writes << ", \"smem\": " << p.smem
     << ", \"launch_bound\": " << (p.launch_bound ? "true" : "false") << ", \"group\": " << p.layout.group
     << ", \"cols\": " << p.layout.cols << ", \"tile_rows\": " << p.layout.tile_rows
-    << ", \"vrows\": " << p.layout.vrows << ", \"slice_vrows\": " << p.layout.slice_vrows << "}";
+    << ", \"vrows\": " << p.layout.vrows << ", \"slice_vrows\": " << p.layout.slice_vrows
+    << ", \"elements_per_thread\": " << p.layout.chunks * p.layout.vec << "}";
   return o.str();
 }
 

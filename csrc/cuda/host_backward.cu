@@ -52,7 +52,11 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
 
   DSNT_DISPATCH_LOGITS(logits.scalar_type(), "dsnt_bwd_cuda", [&] {
     using T = acc_t<scalar_t>;
-    const LaunchPlan p = plan_for<true, scalar_t>(z, g);
+    // the standard loss's backward: softmax + JS, no target, beta or variance gradient
+    bool standard = false;
+    const bool standard_modes = o.normalization == Normalization::Softmax && o.reg == Regularizer::JS &&
+                                !target_grad && !beta_grad && !gv.defined();
+    const LaunchPlan p = plan_for<true, scalar_t>(z, g, standard_modes, standard);
     slices = p.slices;
     if (target_grad || beta_grad) partials = empty_output({g.maps, slices, 4}, opts);
     BwdArgs<scalar_t> a{};
@@ -72,12 +76,7 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
     a.needs_target_grad = target_grad;
     a.needs_beta_grad = beta_grad;
     a.partials = ptr_or_null<T>(partials);
-    const cudaStream_t stream = current_stream();
-    if (p.cls == SizeClass::Warp) {
-      Launcher<SizeClass::Warp, true, scalar_t>::launch(a, p, stream);
-    } else {
-      Launcher<SizeClass::Block, true, scalar_t>::launch(a, p, stream);
-    }
+    launch_planned<true, scalar_t>(a, p, standard);
   });
 
   const at::Tensor per_map = partials.defined() ? (slices > 1 ? partials.sum(1) : partials.select(1, 0)) : at::Tensor();

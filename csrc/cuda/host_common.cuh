@@ -45,24 +45,49 @@ inline at::Tensor kernel_logits(const at::Tensor& logits) {
 
 inline const char* forced_class() { return std::getenv("DSNT_CUDA_FORCE_CLASS"); }
 
-template <bool kBackward, typename scalar_t>
-int ctas_per_sm(SizeClass c, int threads, size_t smem) {
+// The launcher of a plan's size class (the backward's split class runs the block kernel).
+template <bool kBackward, bool kStandard, typename scalar_t, class F>
+auto with_launcher(SizeClass c, F&& f) {
   switch (c) {
     case SizeClass::Warp:
-      return Launcher<SizeClass::Warp, kBackward, scalar_t>::ctas_per_sm(threads, smem);
+      return f(Launcher<SizeClass::Warp, kBackward, kStandard, scalar_t>{});
     case SizeClass::Block:
-      return Launcher<SizeClass::Block, kBackward, scalar_t>::ctas_per_sm(threads, smem);
+      return f(Launcher<SizeClass::Block, kBackward, kStandard, scalar_t>{});
     case SizeClass::Cluster:
-      if constexpr (kBackward) return Launcher<SizeClass::Block, true, scalar_t>::ctas_per_sm(threads, smem);
-      else return Launcher<SizeClass::Cluster, false, scalar_t>::ctas_per_sm(threads, smem);
+      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else return f(Launcher<SizeClass::Cluster, false, kStandard, scalar_t>{});
     default:
-      if constexpr (kBackward) return Launcher<SizeClass::Block, true, scalar_t>::ctas_per_sm(threads, smem);
-      else return Launcher<SizeClass::Streamed, false, scalar_t>::ctas_per_sm(threads, smem);
+      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else return f(Launcher<SizeClass::Streamed, false, kStandard, scalar_t>{});
   }
 }
 
+// The standard-loss kernels assume a thread's x is the same in every chunk: rows that fit a tile
+// (one segment) of a map with more than one row. The streamed kernel makes no such assumption.
+inline bool fixed_x(const LaunchPlan& p) {
+  return p.cls == SizeClass::Streamed || (p.layout.segs == 1 && p.layout.rows > 1);
+}
+
+template <bool kBackward, bool kStandard, typename scalar_t>
+LaunchPlan plan_with(const PlanInput& in, DeviceInfo dev) {
+  dev.ctas_per_sm = [](SizeClass c, bool, int threads, size_t smem) {
+    return with_launcher<kBackward, kStandard, scalar_t>(c, [&](auto l) { return l.ctas_per_sm(threads, smem); });
+  };
+  dev.max_active_clusters = [](int cluster, int threads, size_t smem) {
+    return Launcher<SizeClass::Cluster, false, kStandard, scalar_t>::max_active_clusters(cluster, threads, smem);
+  };
+  LaunchPlan p = plan_launch(in, dev);
+  if (p.cls == SizeClass::Cluster && !kBackward && dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
+    dev.max_cluster = 8;  // no non-portable cluster sizes on this device: the portable limit
+    p = plan_launch(in, dev);
+  }
+  return p;
+}
+
+// The plan of a call, and whether it runs the standard-loss kernel (`standard_modes`: the
+// options allow it; the layout must too).
 template <bool kBackward, typename scalar_t>
-LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g) {
+LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g, bool standard_modes, bool& standard) {
   PlanInput in;
   in.dims = g.dims;
   for (int k = 0; k < kMaxSpatialDims; ++k) {
@@ -83,18 +108,27 @@ LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g) {
   dev.max_cluster = dev.clusters ? 16 : 1;
   dev.max_smem_per_cta = static_cast<int>(prop->sharedMemPerBlockOptin);
 #endif
-  dev.ctas_per_sm = [](SizeClass c, bool, int threads, size_t smem) {
-    return ctas_per_sm<kBackward, scalar_t>(c, threads, smem);
-  };
-  dev.max_active_clusters = [](int cluster, int threads, size_t smem) {
-    return Launcher<SizeClass::Cluster, false, scalar_t>::max_active_clusters(cluster, threads, smem);
-  };
-  LaunchPlan p = plan_launch(in, dev);
-  if (p.cls == SizeClass::Cluster && !kBackward && dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
-    dev.max_cluster = 8;  // no non-portable cluster sizes on this device: the portable limit
-    p = plan_launch(in, dev);
+  if constexpr (kHasStandard<scalar_t>) {
+    if (standard_modes) {
+      const LaunchPlan p = plan_with<kBackward, true, scalar_t>(in, dev);
+      standard = fixed_x(p);
+      if (standard) return p;
+    }
   }
-  return p;
+  standard = false;
+  return plan_with<kBackward, false, scalar_t>(in, dev);
+}
+
+template <bool kBackward, typename scalar_t>
+void launch_planned(const ArgsOf<kBackward, scalar_t>& a, const LaunchPlan& p, bool standard) {
+  const cudaStream_t stream = current_stream();
+  if constexpr (kHasStandard<scalar_t>) {
+    if (standard) {
+      with_launcher<kBackward, true, scalar_t>(p.cls, [&](auto l) { l.launch(a, p, stream); });
+      return;
+    }
+  }
+  with_launcher<kBackward, false, scalar_t>(p.cls, [&](auto l) { l.launch(a, p, stream); });
 }
 
 template <typename scalar_t>
@@ -109,7 +143,8 @@ void fill_map_args(MapArgs<scalar_t>& a, const at::Tensor& logits, const MapGeom
   a.layout = p.layout;
   a.maps = static_cast<int>(g.maps);
   a.keypoints = FastDivmod(static_cast<uint32_t>(g.keypoints));
-  a.modes = Modes{o.normalization, o.reg};
+  a.modes.norm_ = o.normalization;
+  a.modes.reg_ = o.reg;
   a.coord_loss = o.coord_loss;
   a.normalized = o.normalized;
   a.reg_weight = static_cast<T>(o.reg_weight);

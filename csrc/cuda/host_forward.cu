@@ -44,7 +44,9 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
   }
   DSNT_DISPATCH_LOGITS(logits.scalar_type(), "dsnt_fwd_cuda", [&] {
     using T = acc_t<scalar_t>;
-    const LaunchPlan p = plan_for<false, scalar_t>(z, g);
+    bool standard = false;
+    const bool standard_modes = o.normalization == Normalization::Softmax && o.reg == Regularizer::JS;
+    const LaunchPlan p = plan_for<false, scalar_t>(z, g, standard_modes, standard);
     FwdArgs<scalar_t> a{};
     fill_map_args<scalar_t>(a, z, g, o, p, tgt, msk, beta_view, sigma_view);
     a.coords = coords.data_ptr<T>();
@@ -54,21 +56,7 @@ ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Te
     a.stats = stats.data_ptr<T>();
     a.loss = with_loss ? loss.data_ptr<T>() : nullptr;
     a.arrivals = with_loss ? reinterpret_cast<unsigned*>(arrivals.data_ptr<int>()) : nullptr;
-    const cudaStream_t stream = current_stream();
-    switch (p.cls) {
-      case SizeClass::Warp:
-        Launcher<SizeClass::Warp, false, scalar_t>::launch(a, p, stream);
-        break;
-      case SizeClass::Block:
-        Launcher<SizeClass::Block, false, scalar_t>::launch(a, p, stream);
-        break;
-      case SizeClass::Cluster:
-        Launcher<SizeClass::Cluster, false, scalar_t>::launch(a, p, stream);
-        break;
-      case SizeClass::Streamed:
-        Launcher<SizeClass::Streamed, false, scalar_t>::launch(a, p, stream);
-        break;
-    }
+    launch_planned<false, scalar_t>(a, p, standard);
   });
   return {coords, variance, reg_losses, coord_losses, loss, stats};
 }

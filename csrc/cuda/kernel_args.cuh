@@ -31,10 +31,23 @@ DSNT_HD constexpr int tile_chunks(int elem_size, TileKind kind) { return tile_el
 template <typename scalar_t, TileKind kKind>
 constexpr int kChunksPerThread = tile_chunks(static_cast<int>(sizeof(scalar_t)), kKind);
 
-// The modes a kernel runs. A SASS probe build (scripts/sass_count.py) defines
-// DSNT_PROBE_NORMALIZATION / DSNT_PROBE_REG, which turn them into constants: the compiler then
-// drops every other mode's code and the disassembly is what runs for that mode.
-struct Modes {
+// Questions about the modes, asked of either view below.
+template <class M>
+struct ModeTests {
+  DSNT_DEV const M& self() const { return static_cast<const M&>(*this); }
+  DSNT_DEV bool softmax() const { return self().norm() == Normalization::Softmax; }
+  DSNT_DEV bool none() const { return self().norm() == Normalization::None; }
+  DSNT_DEV bool rectified() const { return !softmax() && !none(); }
+  DSNT_DEV bool divergence() const { return self().reg() == Regularizer::JS || self().reg() == Regularizer::KL; }
+  // softmax + JS: the scaled form (docs/math.md §7), with e kept in the tile.
+  DSNT_DEV bool softmax_js() const { return softmax() && self().reg() == Regularizer::JS; }
+};
+
+// The modes of a launch, as the general kernels read them. A SASS probe build
+// (scripts/sass_count.py) defines DSNT_PROBE_NORMALIZATION / DSNT_PROBE_REG, which turn them into
+// constants: the compiler then drops every other mode's code and the disassembly is what runs
+// for that mode.
+struct Modes : ModeTests<Modes> {
   Normalization norm_;
   Regularizer reg_;
   DSNT_DEV Normalization norm() const {
@@ -51,13 +64,29 @@ struct Modes {
     return reg_;
 #endif
   }
-  DSNT_DEV bool softmax() const { return norm() == Normalization::Softmax; }
-  DSNT_DEV bool none() const { return norm() == Normalization::None; }
-  DSNT_DEV bool rectified() const { return !softmax() && !none(); }
-  DSNT_DEV bool divergence() const { return reg() == Regularizer::JS || reg() == Regularizer::KL; }
-  // The hot path: softmax + JS in the scaled form (docs/math.md §7), with e kept in the tile.
-  DSNT_DEV bool softmax_js() const { return softmax() && reg() == Regularizer::JS; }
+  static constexpr bool kStandard = false;
 };
+
+// The modes of the standard-loss kernels, known at compile time: softmax + JS, and a layout in
+// which a thread's x is the same in every chunk (host_common.cuh launches them only then, and
+// only without target, beta or variance gradients).
+struct StandardModes : ModeTests<StandardModes> {
+  DSNT_DEV Normalization norm() const { return Normalization::Softmax; }
+  DSNT_DEV Regularizer reg() const { return Regularizer::JS; }
+  static constexpr bool kStandard = true;
+};
+
+template <bool kStandard>
+using ModesOf = std::conditional_t<kStandard, StandardModes, Modes>;
+
+template <bool kStandard>
+DSNT_DEV ModesOf<kStandard> modes_view(const Modes& m) {
+  if constexpr (kStandard) {
+    return StandardModes{};
+  } else {
+    return m;
+  }
+}
 
 // Byte offsets of the arrays in a CTA's dynamic shared memory. Tables are per group (per warp in
 // the warp class); records are shared by the CTA's groups (one geometry per launch).

@@ -76,32 +76,33 @@ void launch_plan_kernel(Kernel kernel, const Args& a, const LaunchPlan& p, cudaS
   launch(kernel, c, a);
 }
 
-// The kernel of a (direction, class, dtype); the backward's split class runs the CTA kernel.
-template <SizeClass kClass, bool kBackward, typename scalar_t>
+// The kernel of a (direction, class, variant, dtype); the backward's split class runs the CTA
+// kernel.
+template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
 constexpr auto kernel_of() {
   if constexpr (kBackward) {
-    return &dsnt_bwd_kernel<scalar_t, kClass == SizeClass::Warp>;
+    return &dsnt_bwd_kernel<scalar_t, kClass == SizeClass::Warp, kStandard>;
   } else if constexpr (kClass == SizeClass::Streamed) {
-    return &dsnt_fwd_streamed_kernel<scalar_t>;
+    return &dsnt_fwd_streamed_kernel<scalar_t, kStandard>;
   } else {
-    return &dsnt_fwd_kernel<scalar_t, static_cast<FwdClass>(static_cast<int>(kClass))>;
+    return &dsnt_fwd_kernel<scalar_t, static_cast<FwdClass>(static_cast<int>(kClass)), kStandard>;
   }
 }
 
-template <SizeClass kClass, bool kBackward, typename scalar_t>
-void Launcher<kClass, kBackward, scalar_t>::launch(const ArgsOf<kBackward, scalar_t>& a, const LaunchPlan& p,
-                                                   cudaStream_t stream) {
-  launch_plan_kernel(kernel_of<kClass, kBackward, scalar_t>(), a, p, stream);
+template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
+void Launcher<kClass, kBackward, kStandard, scalar_t>::launch(const ArgsOf<kBackward, scalar_t>& a,
+                                                              const LaunchPlan& p, cudaStream_t stream) {
+  launch_plan_kernel(kernel_of<kClass, kBackward, kStandard, scalar_t>(), a, p, stream);
 }
 
-template <SizeClass kClass, bool kBackward, typename scalar_t>
-int Launcher<kClass, kBackward, scalar_t>::ctas_per_sm(int threads, size_t smem) {
-  return occupancy_of(kernel_of<kClass, kBackward, scalar_t>(), threads, smem);
+template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
+int Launcher<kClass, kBackward, kStandard, scalar_t>::ctas_per_sm(int threads, size_t smem) {
+  return occupancy_of(kernel_of<kClass, kBackward, kStandard, scalar_t>(), threads, smem);
 }
 
-template <SizeClass kClass, bool kBackward, typename scalar_t>
-int Launcher<kClass, kBackward, scalar_t>::max_active_clusters(int cluster, int threads, size_t smem) {
-  return active_clusters_of(kernel_of<kClass, kBackward, scalar_t>(), cluster, threads, smem);
+template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
+int Launcher<kClass, kBackward, kStandard, scalar_t>::max_active_clusters(int cluster, int threads, size_t smem) {
+  return active_clusters_of(kernel_of<kClass, kBackward, kStandard, scalar_t>(), cluster, threads, smem);
 }
 
 }  // namespace dsnt_cuda

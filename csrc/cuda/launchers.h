@@ -1,6 +1,6 @@
-// One launcher per (direction, size class, dtype). Each size class is compiled in its own
-// translation unit (fwd_*.cu, bwd_*.cu), which instantiates Launcher for the four logits
-// dtypes, so nvcc builds the classes in parallel; host.cu only sees these declarations.
+// One launcher per (direction, size class, standard-loss kernel or not, dtype). Each (class,
+// dtype) is compiled in a translation unit of its own (instances/*.cu), so nvcc builds them in
+// parallel; the host code only sees these declarations.
 #pragma once
 
 #include <cstddef>
@@ -13,7 +13,7 @@ namespace dsnt_cuda {
 template <bool kBackward, typename scalar_t>
 using ArgsOf = std::conditional_t<kBackward, BwdArgs<scalar_t>, FwdArgs<scalar_t>>;
 
-template <SizeClass kClass, bool kBackward, typename scalar_t>
+template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
 struct Launcher {
   static void launch(const ArgsOf<kBackward, scalar_t>& a, const LaunchPlan& p, cudaStream_t stream);
   // resident CTAs per SM of this kernel for a launch shape (the CUDA occupancy API)
@@ -22,17 +22,18 @@ struct Launcher {
   static int max_active_clusters(int cluster, int threads, size_t smem);
 };
 
-// DSNT_FLOAT_ONLY: float32 logits only (quicker builds: the SASS probes of scripts/sass_count.py,
-// the emulator's barrier-drop proof); host code then dispatches float32 alone.
-#ifdef DSNT_FLOAT_ONLY
-#define DSNT_INSTANTIATE_LAUNCHERS(kClass, kBackward) template struct Launcher<kClass, kBackward, float>;
-#else
-#define DSNT_INSTANTIATE_LAUNCHERS(kClass, kBackward)     \
-  template struct Launcher<kClass, kBackward, float>;     \
-  template struct Launcher<kClass, kBackward, double>;    \
-  template struct Launcher<kClass, kBackward, c10::Half>; \
-  template struct Launcher<kClass, kBackward, c10::BFloat16>;
-#endif
+// The standard-loss kernels exist for float32 / float16 / bfloat16 logits; float64 (gradcheck,
+// accuracy) runs the general kernel only.
+template <typename scalar_t>
+constexpr bool kHasStandard = !std::is_same_v<scalar_t, double>;
+
+// Both kernels of a (class, direction) for one dtype (instances/*.cu).
+#define DSNT_INSTANTIATE_LAUNCHERS(kClass, kBackward, scalar_t)    \
+  template struct Launcher<kClass, kBackward, false, scalar_t>;    \
+  template struct Launcher<kClass, kBackward, kHasStandard<scalar_t>, scalar_t>;
+
+// DSNT_FLOAT_ONLY: a build with float32 kernels only (the SASS probes of scripts/sass_count.py,
+// the emulator's barrier-drop proof); the host code then dispatches float32 alone.
 
 #ifdef DSNT_FLOAT_ONLY
 #define DSNT_DISPATCH_LOGITS(type, name, ...)                                                        \

@@ -38,7 +38,8 @@ OPS_TARGETS = {
     "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_FLOAT_ONLY"]),
 }
 # Every CUDA source but build_info.cu, which reads the CUDA runtime's version macros.
-KERNEL_SOURCES = sorted(p for p in (ROOT / "csrc" / "cuda").glob("*.cu") if p.name != "build_info.cu")
+KERNEL_SOURCES = sorted(p for p in [*(ROOT / "csrc" / "cuda").glob("*.cu"), *(ROOT / "csrc" / "cuda" / "instances").glob("*.cu")]
+                        if p.name != "build_info.cu")
 SELFTEST_TARGETS = {f"selftest-{s}": s for s in SANITIZE}
 
 

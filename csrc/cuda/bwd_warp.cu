@@ -1,6 +1,0 @@
-// The backward warp class kernels for the four logits dtypes (launchers.h).
-#include "launcher_impl.cuh"
-
-namespace dsnt_cuda {
-DSNT_INSTANTIATE_LAUNCHERS(SizeClass::Warp, true)
-}  // namespace dsnt_cuda

@@ -1,6 +1,0 @@
-// The forward streamed class kernels for the four logits dtypes (launchers.h).
-#include "launcher_impl.cuh"
-
-namespace dsnt_cuda {
-DSNT_INSTANTIATE_LAUNCHERS(SizeClass::Streamed, false)
-}  // namespace dsnt_cuda
