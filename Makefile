@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test test-python test-triton test-cmake bench cuda-report gpu-check clean
+.PHONY: all venv build test test-python test-emulated test-triton test-cmake bench cuda-report gpu-check clean
 
 all: build
 
@@ -25,13 +25,21 @@ build: venv
 	$(VPY) setup.py build_ext --inplace
 
 test: build
-	$(MAKE) test-python test-triton test-cmake
+	$(MAKE) test-python test-emulated test-triton test-cmake
+
+EMULATED_TESTS := tests/test_cuda_emulator.py tests/test_cuda_emulated.py tests/test_cuda_emulated_sanitized.py
 
 # The second run is the GPU tests' dry run: their own code, on CPU tensors against the CPU
 # kernels (DSNT_GPU_TESTS_ON=cpu), so a GPU machine is not the first to execute it.
 test-python:
-	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py
+	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py $(EMULATED_TESTS:%=--ignore=%)
 	DSNT_GPU_TESTS_ON=cpu $(VPY) -m pytest -q tests/test_ops_cuda.py
+
+# The CUDA kernels on the CPU, over the emulation of the CUDA thread model (tests/cuda_emulation/):
+# the emulator's own tests, the kernels' whole suite, then its sanitized subset under ThreadSanitizer
+# and AddressSanitizer + UBSan. Builds are cached (ninja) in build/cuda_emulation/; no nvcc needed.
+test-emulated: venv
+	$(VPY) -m pytest -q $(EMULATED_TESTS)
 
 # Triton's interpreter must be switched on before triton is imported: its own process. The GPU
 # Triton tests run here too, on CPU tensors (their dry run, as above).

@@ -203,11 +203,14 @@ if want sanitizer; then
   fi
 fi
 
+# Not the CUDA emulation (tests/cuda_emulation/): it stands in for a GPU, and its sanitizer builds
+# would take minutes of the GPU machine's time.
 if want test-rest; then
   run_step test-rest "$OUT/junit-test-rest.xml" \
     "$PYTHON" -m pytest -q -rfE tests --ignore=tests/test_ops_cuda.py --ignore=tests/test_triton_gpu.py \
-    --ignore=tests/test_hard_maps.py \
-    --ignore=tests/test_triton_interpreter.py --junitxml="$OUT/junit-test-rest.xml"
+    --ignore=tests/test_hard_maps.py --ignore=tests/test_triton_interpreter.py \
+    --ignore=tests/test_cuda_emulator.py --ignore=tests/test_cuda_emulated.py \
+    --ignore=tests/test_cuda_emulated_sanitized.py --junitxml="$OUT/junit-test-rest.xml"
 fi
 
 if want bench; then

@@ -7,11 +7,10 @@ maps, every logits dtype, both grids, each normalization and regularizer, every 
 with and without a mask, beta / sigma_t as floats and as per-map tensors (with the beta
 gradient), None upstream gradients, the uniform fallback, NaN and -inf maps, strided
 (channels-last, transposed) and misaligned logits, empty batches; with NaN-filled outputs,
-poisoned shared memory and several blocks (a cluster's together) at once. The cases marked
-`sanitized` also run under ThreadSanitizer and AddressSanitizer + UBSan
-(tests/test_cuda_emulated_sanitized.py). This checks logic, indexing and synchronization; it
-cannot see what only a GPU shows (memory model, timing, fast math): tests/test_ops_cuda.py does
-that on a GPU. Needs a C++ compiler and ninja; skips otherwise.
+poisoned shared memory and several blocks (a cluster's together) at once. A subset also runs
+under ThreadSanitizer and AddressSanitizer + UBSan (tests/test_cuda_emulated_sanitized.py). This
+checks logic, indexing and synchronization; it cannot see what only a GPU shows (memory model,
+timing, fast math): tests/test_ops_cuda.py does that on a GPU. Needs a C++ compiler and ninja; skips otherwise.
 
 The op contract (docs/ops.md) enters only through tests/support.py's run_ops / make_case.
 """
@@ -35,7 +34,6 @@ import emulate  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which(emulate.CXX) is None or shutil.which(emulate.ninja()) is None,
                                 reason="needs a C++ compiler and ninja")
-SANITIZED = pytest.mark.sanitized
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +68,8 @@ NORMALIZATIONS = ["softmax", "relu", "sigmoid", "abs", "none"]
 REGULARIZERS = ["js", "kl", "var", "none"]
 
 
-def classes(sanitized=()):
-    return [pytest.param(c, id=c, marks=[SANITIZED] if c in sanitized else []) for c in CLASSES]
+def classes():
+    return [pytest.param(c, id=c) for c in CLASSES]
 
 
 @pytest.mark.parametrize("reg", REGULARIZERS)
@@ -87,7 +85,7 @@ STANDARD = [("softmax", "js"), ("relu", "kl"), ("sigmoid", "var"), ("none", "kl"
 
 
 @pytest.mark.parametrize("normalization, reg", STANDARD, ids=[f"{n}-{r}" for n, r in STANDARD])
-@pytest.mark.parametrize("cls", classes(sanitized=("block", "cluster")))
+@pytest.mark.parametrize("cls", classes())
 def test_size_classes(emu, size_class, cls, normalization, reg):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], normalization, reg, coord_loss="euclidean", mask=True, sigma_t=4.0)
@@ -107,14 +105,14 @@ def test_1d_and_3d_maps(emu, size_class, shape, cls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("cls", classes(sanitized=("warp",)))
+@pytest.mark.parametrize("cls", classes())
 def test_dtypes(emu, size_class, cls, dtype):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", dtype=dtype, coord_loss="mse", mask=True)
     check(emu, case, str(dtype))
 
 
-@pytest.mark.parametrize("cls", classes(sanitized=("streamed",)))
+@pytest.mark.parametrize("cls", classes())
 def test_pixel_grid(emu, size_class, cls):
     size_class(cls)
     for normalization, reg in (("softmax", "kl"), ("none", "js")):
@@ -122,7 +120,7 @@ def test_pixel_grid(emu, size_class, cls):
 
 
 @pytest.mark.parametrize("kind", ["scalar", "keypoint", "map"])
-@pytest.mark.parametrize("cls", classes(sanitized=("warp",)))
+@pytest.mark.parametrize("cls", classes())
 def test_per_map_beta_and_sigma(emu, size_class, cls, kind):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", beta_kind=kind, sigma_kind=kind,
@@ -151,7 +149,7 @@ UPSTREAM_SUBSETS = {"coords": ("grad_coords",), "variance": ("grad_variance",), 
 
 
 @pytest.mark.parametrize("subset", UPSTREAM_SUBSETS, ids=lambda k: f"only-{k}")
-@pytest.mark.parametrize("cls", classes(sanitized=("cluster",)))
+@pytest.mark.parametrize("cls", classes())
 def test_none_upstream_gradients(emu, size_class, cls, subset):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", coord_loss="euclidean", mask=True, sigma_t=4.0,
@@ -169,7 +167,7 @@ def test_gradients_not_wanted(emu, size_class, cls):
     support.assert_close(grads[0], exact[0], support.reference_backward(case, None)[0], "grad_logits")
 
 
-@pytest.mark.parametrize("cls", classes(sanitized=("warp",)))
+@pytest.mark.parametrize("cls", classes())
 @pytest.mark.parametrize("normalization", ["relu", "abs"])
 def test_uniform_fallback_of_zero_sum_maps(emu, size_class, cls, normalization):
     size_class(cls)
@@ -200,7 +198,7 @@ def test_non_finite_maps(emu, size_class, cls, kind):
         assert t[torch.arange(t.shape[0]) != 1].isfinite().all()
 
 
-@pytest.mark.parametrize("cls", classes(sanitized=("block",)))
+@pytest.mark.parametrize("cls", classes())
 def test_strided_logits_without_a_copy(emu, size_class, cls):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", coord_loss="euclidean")
@@ -212,7 +210,6 @@ def test_strided_logits_without_a_copy(emu, size_class, cls):
     check(emu, replace(case, logits=transposed), "transposed")
 
 
-@SANITIZED
 def test_misaligned_base_takes_the_scalar_path(emu):
     case = support.make_case((1, 2, 64, 48), "softmax", "js", coord_loss="euclidean")
     buffer = torch.empty(case.logits.numel() + 1)

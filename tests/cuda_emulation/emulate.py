@@ -38,9 +38,9 @@ OPS_TARGETS = {
     "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_FLOAT_ONLY"]),
 }
 # Every CUDA source but build_info.cu, which reads the CUDA runtime's version macros.
-KERNEL_SOURCES = sorted(p for p in [*(ROOT / "csrc" / "cuda").glob("*.cu"), *(ROOT / "csrc" / "cuda" / "instances").glob("*.cu")]
-                        if p.name != "build_info.cu")
-SELFTEST_TARGETS = {f"selftest-{s}": s for s in SANITIZE}
+CUDA = ROOT / "csrc" / "cuda"
+KERNEL_SOURCES = sorted(p for p in [*CUDA.glob("*.cu"), *(CUDA / "instances").glob("*.cu")] if p.name != "build_info.cu")
+SELFTEST_TARGETS = [f"selftest-{s}" for s in SANITIZE]
 
 
 @cache
@@ -48,7 +48,8 @@ def _torch_flags():
     import torch
 
     top = Path(torch.__file__).parent
-    includes = [f"-isystem {top / 'include'}", f"-isystem {top / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    include = top / "include"
+    includes = [f"-isystem {include}", f"-isystem {include / 'torch' / 'csrc' / 'api' / 'include'}"]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     lib = top / "lib"
     return " ".join(includes + [abi]), f"-L{lib} -Wl,-rpath,{lib} -lc10 -ltorch_cpu"
@@ -84,12 +85,12 @@ def _ninja_file() -> str:
             f"build {target}/dsnt_emu.so: link {' '.join(objects)} ops/dsnt_ops.o",
             f"  flags = -shared {san} {torch_ldflags}",
         ]
-    for target, sanitizer in SELFTEST_TARGETS.items():
+    for sanitizer in SANITIZE:
         san = " ".join(SANITIZE[sanitizer] + ["-g1"])
         lines += [
-            f"build {target}/selftest.o: cxx {HERE / 'selftest.cu'}",
+            f"build selftest-{sanitizer}/selftest.o: cxx {HERE / 'selftest.cu'}",
             f"  flags = {base} {san}",
-            f"build {target}/selftest: link {target}/selftest.o",
+            f"build selftest-{sanitizer}/selftest: link selftest-{sanitizer}/selftest.o",
             f"  flags = -pthread {san}",
         ]
     return "\n".join(lines) + "\n"
@@ -112,7 +113,8 @@ def build(*targets: str) -> list[Path]:
     cmd = [ninja(), "-C", str(BUILD), "-j", "2"] + [str(o.relative_to(BUILD)) for o in outputs]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"cuda emulation build failed: {shlex.join(cmd)}\n{done.stdout[-20000:]}{done.stderr}")
+        raise RuntimeError(f"cuda emulation build failed: {shlex.join(cmd)}\n{done.stdout[-20000:]}"
+                           f"{done.stderr}")
     return outputs
 
 

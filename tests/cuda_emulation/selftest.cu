@@ -173,7 +173,10 @@ __global__ void lane_returns_before_shuffle(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(kFull, 1, 1);
 }
 
-__global__ void lane_outside_mask(int* out) { out[threadIdx.x] = static_cast<int>(__ballot_sync(0x0000ffffu, 1)); }
+// Lane 3 names only lane 0; the others wait for lane 3 until its failure stops them.
+__global__ void lane_outside_mask(int* out) {
+  out[threadIdx.x] = static_cast<int>(__ballot_sync(threadIdx.x == 3 ? 0x1u : kFull, 1));
+}
 
 // Lanes 0-15 meet among themselves and return; lanes 16-31 wait for them in vain.
 __global__ void masks_disagree(int* out) {

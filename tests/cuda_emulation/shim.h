@@ -38,6 +38,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -481,13 +482,17 @@ inline void launch(dim3 grid, dim3 block, size_t smem, dim3 cluster, const std::
       }
     }
     std::vector<std::thread> running;
-    for (auto& cl : wave) {
-      for (auto& b : cl->blocks) {
-        for (unsigned tid = 0; tid < threads; ++tid) {
-          running.emplace_back(run_thread, std::ref(state), std::ref(*cl), std::ref(*b), tid, block, grid,
-                               std::cref(body));
+    try {
+      for (auto& cl : wave) {
+        for (auto& b : cl->blocks) {
+          for (unsigned tid = 0; tid < threads; ++tid) {
+            running.emplace_back(run_thread, std::ref(state), std::ref(*cl), std::ref(*b), tid, block, grid,
+                                 std::cref(body));
+          }
         }
       }
+    } catch (const std::system_error& e) {  // out of threads: the started ones must still end
+      state.fail(std::string("cannot start another thread (") + e.what() + "); fewer DSNT_EMU_BLOCKS?");
     }
     for (auto& th : running) th.join();
 #if defined(__SANITIZE_ADDRESS__)
