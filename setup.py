@@ -65,7 +65,7 @@ cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
 if WITH_CUDA:
     extension = CUDAExtension(
         "dsnt_cuda._C",
-        cpp_sources + sources("csrc/cuda/*.cu"),
+        cpp_sources + sources("csrc/cuda/*.cu") + sources("csrc/cuda/instances/*.cu"),
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("DSNT_WITH_CUDA", "1")],
         extra_link_args=link_flags,

@@ -358,7 +358,11 @@ DSNT_HD TargetNorm<T> target_norm(const TargetAxisSums<T>* axes, int dims) {
   TargetNorm<T> n;
   T log2_prod = T(0), sum_off = T(0);
   bool empty = false;
-  for (int k = 0; k < dims; ++k) {
+  // Loops over every axis slot with a test, not up to `dims`: a fixed trip count lets a GPU
+  // compiler unroll them and keep ubar_g in registers.
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    n.ubar_g[k] = T(0);
+    if (k >= dims) continue;
     const TargetAxisSums<T>& a = axes[k];
     empty = empty || a.off == -T(INFINITY);
     log2_prod += a.off + A::log2(a.sum_g);
@@ -369,7 +373,7 @@ DSNT_HD TargetNorm<T> target_norm(const TargetAxisSums<T>* axes, int dims) {
     n.log2_norm = T(kLog2DivEps);
     n.scale = T(0);
     n.one_minus_rho = T(1);
-    for (int k = 0; k < dims; ++k) n.ubar_g[k] = T(0);
+    for (int k = 0; k < kMaxSpatialDims; ++k) n.ubar_g[k] = T(0);
     return n;
   }
   // logaddexp2(log2_prod, log2 eps), without overflow
@@ -387,6 +391,17 @@ template <typename V, typename T>
 DSNT_HD V target_mean_grad(V u, T m, T ubar_g, T one_minus_rho, T coef_half_s2) {
   using A = Arith<V>;
   return A::splat(coef_half_s2) * ((u - A::splat(ubar_g)) + A::splat(one_minus_rho * (ubar_g - m)));
+}
+
+// t_k(j) with the target factor's own mean given as its offset from the target mean,
+// offset = ubar_g,k - m_k (target_norm returns it when sum_gu holds sum_j g~(j) (u(j) - m)):
+// (u - m) - rho offset, equal to target_mean_grad(u, m, m + offset, ...). A mean far from the
+// axis centre (tens of pixels) rounds ubar_g to a few ulps of a large number; the offset form
+// keeps those digits.
+template <typename V, typename T>
+DSNT_HD V target_mean_grad_offset(V u, T m, T offset, T one_minus_rho, T coef_half_s2) {
+  using A = Arith<V>;
+  return A::splat(coef_half_s2) * ((u - A::splat(m)) - A::splat((T(1) - one_minus_rho) * offset));
 }
 
 // S / (2 sigma^2): the factor of target_mean_grad on an axis of S pixels.
@@ -516,6 +531,18 @@ DSNT_HD V axis_grad(V u, const AxisGrad<T>& g) {
   const V d = u - A::splat(g.ubar);
   return A::splat(g.gamma_scale) * u + A::splat(g.gamma_offset) + A::splat(g.nu) * d * d +
          A::splat(g.cross) * u;
+}
+
+// The separable part of G_i minus its p-weighted mean, on one axis, for a map summing to 1:
+//   gamma v(j) + nu (u - ubar)^2 - sum_j p_j [...] = gamma_scale (d - m1) + nu (d^2 - m2)
+// with d = u - ubar, m1 = sum p d, m2 = sum p d^2 (of the same p). Its sum over the axes is
+// G_i - sum p G without the divergence part, formed without the large, nearly equal terms
+// nu (u - ubar)^2 and nu Var of a wide map, whose difference would cost their digits.
+template <typename V, typename T>
+DSNT_HD V axis_grad_centred(V u, const AxisGrad<T>& g, T m1, T m2) {
+  using A = Arith<V>;
+  const V d = u - A::splat(g.ubar);
+  return A::splat(g.gamma_scale) * (d - A::splat(m1)) + A::splat(g.nu) * (d * d - A::splat(m2));
 }
 
 }  // namespace dsnt_cuda

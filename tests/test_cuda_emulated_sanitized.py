@@ -7,7 +7,8 @@ block's shared memory, UBSan undefined behaviour; any report fails the run.
 
 And the proof that the TSan run is an instrument: a case of the subset, which passes there, fails
 with a data race once the kernels are built without the __syncthreads that keeps the block
-reduction's buffer from being overwritten while it is still read (DSNT_EMU_DROP_BARRIER=reduction).
+reduction's scratch from being read before every warp has written its part
+(DSNT_EMU_DROP_BARRIER=reduction).
 """
 
 import shutil
@@ -24,21 +25,27 @@ import emulate  # noqa: E402
 pytestmark = pytest.mark.skipif(shutil.which(emulate.CXX) is None or shutil.which(emulate.ninja()) is None,
                                 reason="needs a C++ compiler and ninja")
 
-# Every size class, each direction (a case runs forward and backward), each vector width (16-byte
-# loads of 2-, 4- and 8-byte logits) and the scalar loads, both grids, the backward without
-# upstream gradients, the uniform fallback, a NaN map.
+# Every size class (the cluster class's CTAs reading each other's shared memory, the split
+# backward), each direction (a case runs forward and backward), the standard-loss kernels
+# (softmax + JS) and the general ones, each vector width (16-byte loads of 2-, 4- and 8-byte
+# logits) and the scalar loads, channels-last logits, both grids, per-map beta with its gradient,
+# the loss epilogue (last-CTA reduction), the backward without upstream gradients, the uniform
+# fallback, a NaN map.
 SUBSET = [
-    "test_every_normalization_and_regularizer[warp-softmax-js]",
+    "test_size_classes[warp-softmax-js]",
     "test_size_classes[block-relu-kl]",
-    "test_size_classes[stream-sigmoid-var]",
-    "test_dtypes[torch.bfloat16-block]",
-    "test_dtypes[torch.float64-stream]",
+    "test_size_classes[cluster-softmax-js]",
+    "test_size_classes[streamed-sigmoid-var]",
+    "test_dtypes[block-torch.bfloat16]",
+    "test_dtypes[cluster-torch.float64]",
     "test_misaligned_base_takes_the_scalar_path",
-    "test_pixel_grid[stream-none-js]",
-    "test_none_upstream_gradients[none-reg_losses-stream]",
-    "test_none_upstream_gradients[none-all-block]",
+    "test_strided_logits_without_a_copy[warp]",
+    "test_pixel_grid[streamed]",
+    "test_per_map_beta_and_sigma[cluster-map]",
+    "test_loss_epilogue[True-euclidean]",
+    "test_none_upstream_gradients[block-only-reg]",
     "test_uniform_fallback_of_zero_sum_maps[relu-warp]",
-    "test_non_finite_maps[nan-block]",
+    "test_non_finite_maps[cluster-nan]",
 ]
 # A float32 block-class case of SUBSET: the float-only build of the proof runs float32 only.
 PROOF_CASE = "test_size_classes[block-relu-kl]"
@@ -77,8 +84,8 @@ def test_tsan_subset_is_clean_and_sees_a_dropped_reduction_barrier(libraries):
     start = done.stderr.find("WARNING: ThreadSanitizer: data race")
     end = done.stderr.find("SUMMARY: ThreadSanitizer: data race", start)
     assert 0 <= start < end, output(done)
-    # One side is a warp leader's store into red in group_sum, where the barrier was; the other a
-    # read of the previous reduction's red.
+    # One side is a warp's store of its partial totals in cta_total, where the barrier was; the
+    # other another warp's read of them.
     report = done.stderr[start:done.stderr.find("\n", end)]
-    assert "group_sum" in report and "dsnt_kernel.cu" in report.splitlines()[-1], output(done)
+    assert "cta_total" in report and "reduce.cuh" in report.splitlines()[-1], output(done)
     print(report)

@@ -3,8 +3,8 @@
 The sources are compiled as they are, with `-x c++ -DDSNT_CUDA_EMULATION`: csrc/cuda/launch.cuh
 then includes shim.h and launches on the emulator, and csrc/cuda/torch_launch.cuh makes the ops
 take CPU tensors, register for the CPU key and fill outputs with NaN. Two kinds of target:
-  - "ops-*": csrc/cuda/dsnt_kernel.cu + csrc/dsnt_ops.cpp as a shared library registering the ops
-    of csrc/OPS.md as torch.ops.dsnt_emu (`-Ddsnt_cuda=dsnt_emu`, so it cannot clash with the
+  - "ops-*": the sources of csrc/cuda/ (KERNEL_SOURCES) + csrc/dsnt_ops.cpp as a shared library
+    registering the ops of docs/ops.md as torch.ops.dsnt_emu (`-Ddsnt_cuda=dsnt_emu`, so it cannot clash with the
     real extension); load it with load_ops(). Only the kernels are sanitized: dsnt_ops.cpp (input
     checks) is compiled once, plain, for all of them.
   - "selftest-*": tests/cuda_emulation/selftest.cu, a program testing the emulator itself.
@@ -35,8 +35,11 @@ OPS_TARGETS = {
     "ops-tsan": ("tsan", []),
     "ops-asan": ("asan", []),
     # The proof that TSan sees the race the reduction barrier prevents (float kernels only: quicker).
-    "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_REPORT_FLOAT_ONLY"]),
+    "ops-tsan-drop-reduction": ("tsan", ["-DDSNT_EMU_DROP_BARRIER=reduction", "-DDSNT_FLOAT_ONLY"]),
 }
+# Every CUDA source but build_info.cu, which reads the CUDA runtime's version macros.
+CUDA = ROOT / "csrc" / "cuda"
+KERNEL_SOURCES = sorted(p for p in [*CUDA.glob("*.cu"), *(CUDA / "instances").glob("*.cu")] if p.name != "build_info.cu")
 SELFTEST_TARGETS = [f"selftest-{s}" for s in SANITIZE]
 
 
@@ -73,10 +76,13 @@ def _ninja_file() -> str:
     ]
     for target, (sanitizer, extra) in OPS_TARGETS.items():
         san = " ".join(SANITIZE[sanitizer] + (["-g1"] if sanitizer != "plain" else []))
+        objects = []
+        for source in KERNEL_SOURCES:
+            objects.append(f"{target}/{source.stem}.o")
+            lines += [f"build {objects[-1]}: cxx {source}",
+                      f"  flags = {base} -fPIC -Ddsnt_cuda=dsnt_emu {san} {' '.join(extra)} {torch_cflags}"]
         lines += [
-            f"build {target}/dsnt_kernel.o: cxx {ROOT / 'csrc' / 'cuda' / 'dsnt_kernel.cu'}",
-            f"  flags = {base} -fPIC -Ddsnt_cuda=dsnt_emu {san} {' '.join(extra)} {torch_cflags}",
-            f"build {target}/dsnt_emu.so: link {target}/dsnt_kernel.o ops/dsnt_ops.o",
+            f"build {target}/dsnt_emu.so: link {' '.join(objects)} ops/dsnt_ops.o",
             f"  flags = -shared {san} {torch_ldflags}",
         ]
     for sanitizer in SANITIZE:

@@ -549,3 +549,9 @@ template <typename T>
 T atomicAdd(T* address, T v) {
   return std::atomic_ref<T>(*address).fetch_add(v, std::memory_order_relaxed);
 }
+
+// A fence that orders this thread's memory accesses before and after it with every other fence
+// (CUDA's __threadfence is cumulative at device scope). Modelled as an acquire-release RMW of one
+// variable, which ThreadSanitizer understands (it does not model std::atomic_thread_fence).
+inline std::atomic<unsigned> emu_fence_word{0};
+inline void __threadfence() { emu_fence_word.fetch_add(0u, std::memory_order_acq_rel); }

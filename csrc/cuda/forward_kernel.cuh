@@ -1,0 +1,120 @@
+// The forward kernel of the on-chip size classes (docs/performance.md §3, §5):
+//
+//   warp class     a warp per map, 8 maps per CTA, the map in registers;
+//   block class    a CTA per map (G threads, G * 32 elements at most), the map in registers;
+//   cluster class  a map split over the CTAs of a thread-block cluster (sm_90), each CTA's slice
+//                  in its shared memory, the three reductions through distributed shared memory.
+//
+// Each reads the logits once. Why a cluster and not partial sums in a global workspace: the
+// forward needs three dependent reductions over the map (max, then the sum and mean, then the
+// centred moments with the divergence), each needing the previous one's result in every CTA.
+// Through global memory that is three grid-wide synchronizations (separate launches, or a
+// cooperative grid with spin-waits on flags through L2), and the slices would have to leave the
+// chip between them or be re-read from HBM. A cluster's CTAs are co-scheduled by the hardware,
+// synchronize with barrier.cluster and read each other's totals over the SM-to-SM network, so
+// the slices stay in shared memory from the load to the last pass.
+//
+// Grids are persistent (host.cu sizes them to the resident CTAs, balanced over the maps); each
+// group walks the maps grid-stride.
+#pragma once
+
+#include "forward_map.cuh"
+
+namespace dsnt_cuda {
+
+enum class FwdClass : int { Warp = 0, Block = 1, Cluster = 2 };
+
+// The tables of one group, in smem_plan's order: x tables, y, z, row tables.
+template <typename T>
+DSNT_DEV TargetTables<T> carve_forward_tables(unsigned char* block, const SmemPlan& sp) {
+  auto at = [&](int i) { return reinterpret_cast<T*>(block + sp.table[i]); };
+  return {at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7)};
+}
+
+// The records of this CTA's slice (virtual rows [v_first, v_first + slice_vrows)) and one
+// padding record after them.
+template <typename T>
+DSNT_DEV void build_records(const TileLayout& L, int v_first, int x_origin, RowCoords<T>* rc, RowMemory* rm) {
+  for (int v = threadIdx.x; v <= L.slice_vrows; v += blockDim.x) {
+    row_record(L, v < L.slice_vrows ? v_first + v : L.vrows, x_origin, rc[v], rm[v]);
+  }
+}
+
+// Launch bounds: the warp class runs 256 threads (8 maps) a CTA and wants 3 CTAs an SM (85
+// registers); the block class at most 128 threads (64 elements each) and 4 CTAs (128 registers);
+// the cluster class 256 threads and 2 CTAs (its tile is in shared memory).
+template <FwdClass kClass>
+constexpr int kFwdThreads = kClass == FwdClass::Block ? 128 : 256;
+template <FwdClass kClass>
+constexpr int kFwdMinBlocks = kClass == FwdClass::Warp ? 3 : (kClass == FwdClass::Block ? 4 : 2);
+
+// kStandard: the standard-loss kernel (kernel_args.cuh, StandardModes).
+template <typename scalar_t, FwdClass kClass, bool kStandard>
+__global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
+    dsnt_fwd_kernel(const FwdArgs<scalar_t> a) {
+  using T = acc_t<scalar_t>;
+  constexpr int V = kChunkElems<scalar_t>;
+  constexpr bool kWarp = kClass == FwdClass::Warp, kCluster = kClass == FwdClass::Cluster;
+  constexpr int C = kChunksPerThread<scalar_t, kWarp ? TileKind::Warp : (kCluster ? TileKind::Cluster : TileKind::Block)>;
+  const TileLayout& L = a.layout;
+  const int warps = static_cast<int>(blockDim.x / 32);
+  const SmemPlan& sp = a.smem;
+  unsigned char* smem = dynamic_smem<unsigned char>();
+
+  unsigned rank = 0, ranks = 1;
+  if constexpr (kCluster) {
+    rank = cluster_block_rank();
+    ranks = cluster_num_blocks();
+  }
+  const int v_first = static_cast<int>(rank) * L.slice_vrows;
+  GroupMemory<T> gm;
+  gm.x_entries = sp.x_entries;
+  gm.x_origin = L.rows == 1 ? v_first * L.row_width : 0;
+  gm.own_x = rank == 0 || L.rows == 1;  // a slice of one row sums its own x range; else rank 0 all axes
+  gm.own_yz = rank == 0;
+  RowCoords<T>* rc = reinterpret_cast<RowCoords<T>*>(smem + sp.coords);
+  RowMemory* rm = reinterpret_cast<RowMemory*>(smem + sp.memory);
+  gm.coords = rc;
+  gm.memory = rm;
+  build_records(L, v_first, gm.x_origin, rc, rm);
+
+  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
+  const int t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  unsigned char* block = smem + sp.groups + group * sp.group_bytes;
+  T* scratch = reinterpret_cast<T*>(block + sp.scratch);
+  gm.tab = carve_forward_tables<T>(block, sp);
+  const TilePlace<T> tp = tile_place<T>(L, t);
+  DSNT_SYNCTHREADS(records_built);
+
+  int first, stride;
+  if constexpr (kWarp) {
+    first = static_cast<int>(blockIdx.x) * warps + group;
+    stride = static_cast<int>(gridDim.x) * warps;
+  } else {
+    first = static_cast<int>(blockIdx.x / ranks);
+    stride = static_cast<int>(gridDim.x / ranks);
+  }
+  if constexpr (kWarp) {
+    const WarpGroup<T> g{t, scratch};
+    RegisterTile<T, C, V> tile;
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+  } else if constexpr (kCluster) {
+    ClusterGroup<T> g;
+    g.t = t;
+    g.warps = warps;
+    g.scratch = scratch;
+    g.slots = reinterpret_cast<T*>(smem + sp.slots);
+    g.rank = rank;
+    g.ranks = ranks;
+    SharedTile<T, C, V> tile{reinterpret_cast<T*>(smem + sp.tile) + t * V, static_cast<int>(blockDim.x) * V};
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+  } else {
+    const CtaGroup<T> g{t, warps, scratch};
+    RegisterTile<T, C, V> tile;
+    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+  }
+  finish_loss(a, reinterpret_cast<T*>(smem + sp.groups));
+  if constexpr (kCluster) cluster_sync();  // no CTA leaves while another may read its slots
+}
+
+}  // namespace dsnt_cuda

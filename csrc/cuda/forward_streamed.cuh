@@ -1,0 +1,217 @@
+// The streamed forward: the fallback for maps larger than the largest cluster holds on chip
+// (and for builds without clusters, before sm_90). A CTA per map, two passes over the logits in
+// HBM, tile by tile, the next tile's loads issued before the current one is processed:
+//
+//   pass A  online: each thread keeps its running max and rescales its sums when it grows
+//           (weights 2^(beta log2e (z - running max)), the largest exactly 1), then the CTA
+//           rescales every thread's sums to the map's max: sum w, first moments, sum e a;
+//   pass B  the exact form 2^(beta log2e (z - shift)): centred second moments and the
+//           divergence, the target factors computed per element (no tables: an axis may be
+//           longer than shared memory).
+// The per-chunk work is forward_map.cuh's (weigh_chunk, second_moments_chunk).
+#pragma once
+
+#include "forward_map.cuh"
+
+namespace dsnt_cuda {
+
+template <typename scalar_t>
+constexpr int kStreamedChunks = kChunksPerThread<scalar_t, TileKind::Streamed>;
+
+// The record of virtual row v, computed (the rows of a streamed map may not fit a table).
+template <typename T>
+DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowMemory& rm) {
+  const bool live = v < L.vrows;
+  uint32_t row, seg, y, z;
+  L.segs_div.divmod(static_cast<uint32_t>(live ? v : 0), row, seg);
+  L.size_y_div.divmod(row, z, y);
+  const int x0 = static_cast<int>(seg) * L.row_width;
+  rc.xoff = static_cast<T>(x0) - centred_offset<T>(L.size[0]);
+  rc.uy = static_cast<T>(y) - centred_offset<T>(L.size[1]);
+  rc.uz = static_cast<T>(z) - centred_offset<T>(L.size[2]);
+  rc.xbase = x0;  // the x index itself: no tables here
+  rm.offset = static_cast<int>(x0 * L.stride_x + y * L.stride_y + z * L.stride_z);
+  const int left = L.size[0] - x0;
+  rm.xcount = live ? (left < L.row_width ? left : L.row_width) : 0;
+  rm.contiguous_offset = static_cast<int>(row) * L.size[0] + x0;
+  rm.pad_ = 0;
+}
+
+// kStandard: the standard loss's modes (softmax + JS) known at compile time.
+template <typename scalar_t, bool kStandard>
+__global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs<scalar_t> a) {
+  using T = acc_t<scalar_t>;
+  using A = Arith<T>;
+  using M = ModesOf<kStandard>;
+  constexpr int V = kChunkElems<scalar_t>;
+  constexpr int C = kStreamedChunks<scalar_t>;
+  const TileLayout& L = a.layout;
+  const M md = modes_view<kStandard>(a.modes);
+  const bool softmax = md.softmax(), div = md.divergence(), scaled_js = md.softmax_js();
+  T* scratch = dynamic_smem<T>();
+  const CtaGroup<T> g{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x / 32), scratch};
+  const int vr = g.t / L.cols;
+  const bool in_tile = vr < L.tile_rows;
+  const int x_t = (g.t - vr * L.cols) * V;
+  const T ux_t = static_cast<T>(x_t);
+  const int tiles = (L.vrows + L.slice_vrows - 1) / L.slice_vrows;
+  auto vrow = [&](int tile, int c) { return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows; };
+
+  for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
+    uint32_t b, l;
+    a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
+    const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
+    const bool vec = L.whole_chunks && aligned16(map);
+    const scalar_t pad = (softmax || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
+    const T bl = per_map_value(a.beta, b, l) * T(kLog2e);
+    auto load = [&](int tile, RegisterTile<T, C, V>& dst) {
+      RowMemory rows[C];  // this thread's records of the tile
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        RowCoords<T> rc;
+        streamed_record(L, vrow(tile, c), rc, rows[c]);
+      }
+      load_tile<scalar_t, C>(dst, map, rows, 0, 1, x_t, L.stride_x, vec, pad);
+    };
+
+    // ---- pass A
+    T run = neg_inf<T>();
+    T ek[V] = {}, s4[4] = {};  // as forward_map.cuh: sum w per column, sum w x_off, u_y, u_z, sum e a
+    auto rescale = [&](T from, T to) {  // the sums of weights relative to `from`, made relative to `to`
+      const T d = (to - from) * bl, f = A::exp2(-d);
+      T w = T(0);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        w += ek[k];
+        ek[k] *= f;
+      }
+      s4[3] = f * (s4[3] - d * w);
+      for (int i = 0; i < 3; ++i) s4[i] *= f;
+    };
+    RegisterTile<T, C, V> cur, next;
+    load(0, cur);
+    for (int tile = 0; tile < tiles; ++tile) {
+      if (tile + 1 < tiles) load(tile + 1, next);
+      if (softmax) {
+        T top = neg_inf<T>();
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) top = max_keep_nan(top, cur.v[c][k]);
+        }
+        if (!(top <= run)) {  // a larger (or NaN) logit: rescale the sums to it
+          const T fresh = max_keep_nan(run, top);
+          if (run != neg_inf<T>()) rescale(run, fresh);
+          run = fresh;
+        }
+      }
+      if (!softmax || run != neg_inf<T>()) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          RowCoords<T> rc;
+          RowMemory rm;
+          streamed_record(L, vrow(tile, c), rc, rm);
+          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4);
+        }
+      }
+      cur = next;
+    }
+    T shift = T(0);
+    if (softmax) {
+      shift = g.max(run, 0);
+      if (run != neg_inf<T>()) rescale(run, shift);  // from this thread's running max to the map's
+    }
+    TargetAxis<T> axes[3];
+    AxisPartial<T> part[3];
+    const T sigma_t = per_map_value(a.sigma_t, b, l);
+    if (div) {
+      target_axes(a.target + static_cast<int64_t>(m) * L.dims, sigma_t, L.size, L.dims, axes);
+#pragma unroll 1
+      for (int k = 0; k < kMaxSpatialDims; ++k) {
+        for (int j = g.t; j < L.size[k]; j += g.size()) {
+          T gv, lv;
+          target_entry(axes[k], static_cast<T>(j) - centred_offset<T>(L.size[k]), gv, lv);
+          part[k].g += gv;
+          part[k].gl += gv * lv;
+        }
+      }
+    }
+    T s[7] = {ek[0], s4[0] + ux_t * ek[0], s4[1], s4[2], part[0].g, part[1].g, part[2].g};
+#pragma unroll
+    for (int k = 1; k < V; ++k) {
+      s[0] += ek[k];
+      s[1] += (ux_t + T(k)) * ek[k];
+    }
+    g.sum(s, 1);
+
+    MapSums<T> ms;
+    ms.shift = shift;
+    ms.weight = s[0];
+    ms.uniform = md.rectified() && s[0] == T(0);
+    const T inv_w = md.none() ? T(1) : (ms.uniform ? T(0) : T(1) / s[0]);
+    for (int k = 0; k < kMaxSpatialDims; ++k) ms.ubar[k] = s[1 + k] * inv_w;
+    ms.log2_weight = md.none() ? T(0) : A::log2(s[0]);
+    TargetNorm<T> tn{};
+    if (div) {
+      TargetAxisSums<T> ts[kMaxSpatialDims];
+      for (int k = 0; k < kMaxSpatialDims; ++k) ts[k] = {axes[k].off, s[4 + k], T(0)};
+      tn = target_norm(ts, L.dims);
+    }
+
+    // ---- pass B
+    SecondPass<T, M> sp{{md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
+    sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
+    sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
+    const T q_scale = tn.scale * (scaled_js ? s[0] : T(1));
+    T r3[5] = {T(0), T(0), T(0), T(0), T(0)};
+    load(0, cur);
+    for (int tile = 0; tile < tiles; ++tile) {
+      if (tile + 1 < tiles) load(tile + 1, next);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        RowCoords<T> rc;
+        RowMemory rm;
+        streamed_record(L, vrow(tile, c), rc, rm);
+        const Vals<T, V> x = cur.get(c);
+        Vals<T, V> w = x, xg{}, xl{};
+        T row_q = T(0), row_l = T(0);
+        if (div) {
+          T gy, ly, gz, lz;
+          target_entry(axes[1], rc.uy, gy, ly);
+          target_entry(axes[2], rc.uz, gz, lz);
+          row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
+          row_l = ly + lz - tn.log2_norm;
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            if (rc.xbase + x_t + k < L.size[0]) target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
+          }
+        }
+        if (scaled_js) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            w.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+          }
+        }
+        second_moments_chunk<T, V>(sp, x, w, rm.xcount - x_t, rc, ux_t, xg, xl, row_q, row_l, r3);
+      }
+      cur = next;
+    }
+    T r[9] = {r3[0], r3[1], r3[2], r3[3], r3[4], s4[3], part[0].gl, part[1].gl, part[2].gl};
+    g.sum(r, 2);
+    if (g.leader()) {
+      for (int k = 0; k < kMaxSpatialDims; ++k) {
+        ms.centred[k] = r[k];
+        ms.target_off[k] = axes[k].off;
+        ms.target_g[k] = s[4 + k];
+        ms.target_gl[k] = r[6 + k];
+      }
+      ms.div_a = scaled_js ? r[5] : r[3];
+      ms.div_b = scaled_js ? r[3] : r[4];
+      ms.div_c = r[4];
+      write_map_outputs(output_args(a), m, ms, sigma_t);
+    }
+  }
+  finish_loss(a, scratch);
+}
+
+}  // namespace dsnt_cuda

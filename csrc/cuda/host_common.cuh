@@ -1,0 +1,163 @@
+// Host code shared by the CUDA ops' entry points (host_forward.cu, host_backward.cu): the launch
+// plan of a call on its device, and the kernel arguments every launch shares.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+
+#include "dsnt_ops.h"
+#include "launchers.h"
+#include "torch_launch.cuh"
+
+#ifndef DSNT_CUDA_EMULATION
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace dsnt_cuda {
+
+// The entry points (host_forward.cu, host_backward.cu), registered in host.cu.
+ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
+                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
+                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization, double beta,
+                            bool normalized_coordinates, c10::string_view reg, double sigma_t,
+                            c10::string_view coord_loss, double reg_weight);
+BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
+                             const std::optional<at::Tensor>& grad_variance,
+                             const std::optional<at::Tensor>& grad_reg_losses,
+                             const std::optional<at::Tensor>& grad_coord_losses,
+                             const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
+                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                             const std::optional<at::Tensor>& beta_map, const std::optional<at::Tensor>& sigma_t_map,
+                             const at::Tensor& coords, const at::Tensor& variance, const at::Tensor& stats,
+                             c10::string_view normalization, double beta, bool normalized_coordinates,
+                             c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight,
+                             bool needs_target_grad, bool needs_beta_grad);
+
+// Logits whose in-map element offsets fit 32 bits (the kernels' row offsets): the tensor
+// itself, or (a map spanning 2^31 elements or more of memory, e.g. huge strides) a contiguous copy.
+inline at::Tensor kernel_logits(const at::Tensor& logits) {
+  int64_t extent = 0;
+  for (int64_t d = 2; d < logits.dim(); ++d) extent += (logits.size(d) - 1) * logits.stride(d);
+  return extent < (int64_t{1} << 31) ? logits : logits.contiguous();
+}
+
+
+inline const char* forced_class() { return std::getenv("DSNT_CUDA_FORCE_CLASS"); }
+
+// The launcher of a plan's size class (the backward's split class runs the block kernel).
+template <bool kBackward, bool kStandard, typename scalar_t, class F>
+auto with_launcher(SizeClass c, F&& f) {
+  switch (c) {
+    case SizeClass::Warp:
+      return f(Launcher<SizeClass::Warp, kBackward, kStandard, scalar_t>{});
+    case SizeClass::Block:
+      return f(Launcher<SizeClass::Block, kBackward, kStandard, scalar_t>{});
+    case SizeClass::Cluster:
+      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else return f(Launcher<SizeClass::Cluster, false, kStandard, scalar_t>{});
+    default:
+      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else return f(Launcher<SizeClass::Streamed, false, kStandard, scalar_t>{});
+  }
+}
+
+// The standard-loss kernels assume a thread's x is the same in every chunk: rows that fit a tile
+// (one segment) of a map with more than one row. The streamed kernel makes no such assumption.
+inline bool fixed_x(const LaunchPlan& p) {
+  return p.cls == SizeClass::Streamed || (p.layout.segs == 1 && p.layout.rows > 1);
+}
+
+template <bool kBackward, bool kStandard, typename scalar_t>
+LaunchPlan plan_with(const PlanInput& in, DeviceInfo dev) {
+  dev.ctas_per_sm = [](SizeClass c, bool, int threads, size_t smem) {
+    return with_launcher<kBackward, kStandard, scalar_t>(c, [&](auto l) { return l.ctas_per_sm(threads, smem); });
+  };
+  dev.max_active_clusters = [](int cluster, int threads, size_t smem) {
+    return Launcher<SizeClass::Cluster, false, kStandard, scalar_t>::max_active_clusters(cluster, threads, smem);
+  };
+  LaunchPlan p = plan_launch(in, dev);
+  if (p.cls == SizeClass::Cluster && !kBackward && dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
+    dev.max_cluster = 8;  // no non-portable cluster sizes on this device: the portable limit
+    p = plan_launch(in, dev);
+  }
+  return p;
+}
+
+// The plan of a call, and whether it runs the standard-loss kernel (`standard_modes`: the
+// options allow it; the layout must too).
+template <bool kBackward, typename scalar_t>
+LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g, bool standard_modes, bool& standard) {
+  PlanInput in;
+  in.dims = g.dims;
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    in.size[k] = g.size[k];
+    in.stride[k] = k < g.dims ? logits.stride(logits.dim() - 1 - k) : 0;
+  }
+  in.maps = g.maps;
+  in.elem_size = static_cast<int>(logits.element_size());
+  in.backward = kBackward;
+  in.force = forced_class();
+  DeviceInfo dev;
+#ifdef DSNT_CUDA_EMULATION
+  dev.sms = 2;
+#else
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(logits.device().index());
+  dev.sms = prop->multiProcessorCount;
+  dev.clusters = prop->major >= 9;
+  dev.max_cluster = dev.clusters ? 16 : 1;
+  dev.max_smem_per_cta = static_cast<int>(prop->sharedMemPerBlockOptin);
+#endif
+  if constexpr (kHasStandard<scalar_t>) {
+    if (standard_modes) {
+      const LaunchPlan p = plan_with<kBackward, true, scalar_t>(in, dev);
+      standard = fixed_x(p);
+      if (standard) return p;
+    }
+  }
+  standard = false;
+  return plan_with<kBackward, false, scalar_t>(in, dev);
+}
+
+template <bool kBackward, typename scalar_t>
+void launch_planned(const ArgsOf<kBackward, scalar_t>& a, const LaunchPlan& p, bool standard) {
+  const cudaStream_t stream = current_stream();
+  if constexpr (kHasStandard<scalar_t>) {
+    if (standard) {
+      with_launcher<kBackward, true, scalar_t>(p.cls, [&](auto l) { l.launch(a, p, stream); });
+      return;
+    }
+  }
+  with_launcher<kBackward, false, scalar_t>(p.cls, [&](auto l) { l.launch(a, p, stream); });
+}
+
+template <typename scalar_t>
+void fill_map_args(MapArgs<scalar_t>& a, const at::Tensor& logits, const MapGeometry& g, const OpOptions& o,
+                   const LaunchPlan& p, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& beta,
+                   const at::Tensor& sigma) {
+  using T = acc_t<scalar_t>;
+  TORCH_CHECK_VALUE(g.maps < (int64_t{1} << 31), "dsnt_cuda: at most 2^31 - 1 maps (B * L), got ", g.maps);
+  a.logits = logits.const_data_ptr<scalar_t>();
+  a.stride_b = logits.stride(0);
+  a.stride_l = logits.stride(1);
+  a.layout = p.layout;
+  a.maps = static_cast<int>(g.maps);
+  a.keypoints = FastDivmod(static_cast<uint32_t>(g.keypoints));
+  a.modes.norm_ = o.normalization;
+  a.modes.reg_ = o.reg;
+  a.coord_loss = o.coord_loss;
+  a.normalized = o.normalized;
+  a.reg_weight = static_cast<T>(o.reg_weight);
+  a.beta = per_map_scalar<T>(beta, o.beta);
+  a.sigma_t = per_map_scalar<T>(sigma, o.sigma_t);
+  a.target = target.defined() ? target.const_data_ptr<T>() : nullptr;
+  a.mask = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
+  a.smem = p.carve;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace dsnt_cuda

@@ -1,0 +1,6 @@
+// The backward warp class kernels for float32 logits (launchers.h): a translation unit of their own.
+#include "../launcher_impl.cuh"
+
+namespace dsnt_cuda {
+DSNT_INSTANTIATE_LAUNCHERS(SizeClass::Warp, true, float)
+}  // namespace dsnt_cuda

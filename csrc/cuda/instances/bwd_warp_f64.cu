@@ -1,0 +1,8 @@
+// The backward warp class kernel for float64 logits (launchers.h): a translation unit of its own.
+#include "../launcher_impl.cuh"
+
+namespace dsnt_cuda {
+#ifndef DSNT_FLOAT_ONLY
+template struct Launcher<SizeClass::Warp, true, false, double>;  // no standard-loss kernel (launchers.h)
+#endif
+}  // namespace dsnt_cuda
