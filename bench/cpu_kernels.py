@@ -19,6 +19,7 @@ Benchmarks only, never a test.
 """
 
 import argparse
+import functools
 import importlib
 import statistics
 import sys
@@ -115,7 +116,7 @@ def main(argv=None):
         times = {n: [] for n in names}
         for _ in range(args.rounds):
             for n, step in steps.items():
-                fn = lambda: step(x, t)  # noqa: E731
+                fn = functools.partial(step, x, t)
                 if args.cpu_time or args.min:
                     clock = time.thread_time if args.cpu_time else time.perf_counter
                     stat = min if args.min else statistics.median

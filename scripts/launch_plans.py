@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sass_count  # noqa: E402
+import sass_count
 
 SHAPES = {"pose2d": (32, 16, 64, 64), "wholebody": (64, 133, 64, 48), "face": (256, 98, 64, 64),
           "volume3d": (16, 17, 64, 64, 64), "batch1": (1, 17, 64, 48)}
@@ -39,7 +39,8 @@ def main():
     for name, shape in SHAPES.items():
         for dtype in ("float32", "bfloat16"):
             for backward in (False, True):
-                p = sass_count.launch_plan(shape, sass_count.ELEM_SIZE[dtype], backward, registers[dtype], SMS)
+                p = sass_count.launch_plan(shape, sass_count.ELEM_SIZE[dtype], backward, registers[dtype],
+                                           SMS)
                 per_map = f"{p['ctas_per_map']}" if p["ctas_per_map"] > 1 else f"1/{p['maps_per_cta']}"
                 note = ""
                 if p["launch_bound"]:

@@ -36,14 +36,14 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import MockTensor  # noqa: E402
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import MockTensor
 
-from dsnt_cuda.triton import ops  # noqa: E402
+from dsnt_cuda.triton import ops
 
 COLUMNS = ("backend", "kernel", "dtype", "direction", "size_class", "normalization", "reg",
            "sass_per_element", "mufu_per_element", "registers", "spills", "ctas_per_sm")
@@ -92,18 +92,18 @@ def record_launches(direction, shape, dtype, normalization, reg):
     (euclidean loss, upstream gradient of the loss only) for softmax + JS, plain coordinates
     and regularizer (upstream gradients of coords and reg_losses) otherwise."""
     meta = dict(device="meta")
-    b, l, n = shape[0], shape[1], len(shape) - 2
+    batch, keypoints, n = shape[0], shape[1], len(shape) - 2
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     logits = torch.empty(shape, dtype=dtype, **meta)
-    target = torch.empty((b, l, n), dtype=acc, **meta)
+    target = torch.empty((batch, keypoints, n), dtype=acc, **meta)
     training = normalization == "softmax" and reg == "js"
     options = (normalization, 1.0, True, reg, 1.0, "euclidean" if training else "none", 1.0)
     outs = []
     launches = recorded(lambda: outs.extend(ops.dsnt_fwd_triton(logits, target, None, None, None, *options)))
     if direction == "forward":
         return launches
-    per_point = torch.empty((b, l, n), dtype=acc, **meta)
-    per_map = torch.empty((b, l), dtype=acc, **meta)
+    per_point = torch.empty((batch, keypoints, n), dtype=acc, **meta)
+    per_map = torch.empty((batch, keypoints), dtype=acc, **meta)
     grads = (None, None, None, None, torch.empty((), dtype=acc, **meta)) if training else (
         per_point, None, per_map if reg != "none" else None, None, None)
     return recorded(lambda: ops.dsnt_bwd_triton(*grads, logits, target, None, None, None, outs[0], outs[1],
@@ -116,7 +116,7 @@ def compile_launch(kernel, args, kwargs):
     constexprs = {name: kwargs[name] for name in names if name in kwargs}
     signature, attrs = {}, {}
     positional = [n for n in names if n not in kwargs]
-    for index, (name, value) in enumerate(zip(positional, args)):
+    for name, value in zip(positional, args):
         if isinstance(value, torch.Tensor):
             value = MockTensor(value.dtype)
         kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
@@ -158,7 +158,10 @@ def element_loops(sass):
         if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index_of:
             loops.append((index_of[int(m.group(1), 16)], i))
     loads = [(s, e) for s, e in loops if any("LDG" in t for _, t in sass[s:e + 1])]
-    return [(s, e) for s, e in loads if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loads)]
+    def encloses_another(s, e):
+        return any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loads)
+
+    return [(s, e) for s, e in loads if not encloses_another(s, e)]
 
 
 def ptxas_usage(ptx: str):
@@ -208,9 +211,10 @@ def rows(configs):
     for direction, size_name, dtype, normalization, reg in configs:
         shape = SHAPES[size_name]
         launches = record_launches(direction, shape, dtype, normalization, reg)
-        kernel, grid, args, kwargs = next(x for x in launches if "BLOCK_R" in x[3])
+        kernel, _, args, kwargs = next(x for x in launches if "BLOCK_R" in x[3])
         rows_per_map = kwargs["SIZE_Y"] * kwargs["SIZE_Z"]
-        tiles = triton.cdiv(rows_per_map, kwargs["BLOCK_R"]) * triton.cdiv(kwargs["SIZE_X"], kwargs["BLOCK_C"])
+        tiles = (triton.cdiv(rows_per_map, kwargs["BLOCK_R"])
+                 * triton.cdiv(kwargs["SIZE_X"], kwargs["BLOCK_C"]))
         if direction == "backward":
             tiles = triton.cdiv(min(kwargs["CHUNK_ROWS"], rows_per_map), kwargs["BLOCK_R"]) * triton.cdiv(
                 kwargs["SIZE_X"], kwargs["BLOCK_C"])

@@ -7,7 +7,6 @@ or leaving without cluster_sync; ASan reports a shared-memory overrun; static __
 compile. The selftest program runs one case per process: plain, under TSan or under ASan + UBSan.
 """
 
-import os
 import shutil
 import subprocess
 import sys

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import sass_triton  # noqa: E402
 
 from dsnt_cuda.triton import ops  # noqa: E402
+
 from support import make_case  # noqa: E402
 
 VARIANTS = [  # shape, dtype, normalization, reg, coord_loss, beta_kind, sigma_kind, mask, input grads

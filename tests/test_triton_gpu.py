@@ -26,6 +26,7 @@ triton = pytest.importorskip("triton")
 
 from dsnt_cuda import _extension, reference  # noqa: E402
 from dsnt_cuda.triton import ops as tops  # noqa: E402
+
 from support import check_against_reference, make_case, run_ops  # noqa: E402
 
 FWD = torch.ops.dsnt_cuda.dsnt_fwd_triton.default
@@ -111,7 +112,8 @@ def test_parity_with_cpp_ops(normalization, reg):
 def test_opcheck(normalization, reg):
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") + (
         () if DRY_RUN else ("test_aot_dispatch_dynamic",))
-    case = case_on_device((2, 3, 6, 7), normalization, reg, seed=6, coord_loss="l1", mask=True, beta_kind="map")
+    case = case_on_device((2, 3, 6, 7), normalization, reg, seed=6, coord_loss="l1", mask=True,
+                          beta_kind="map")
     logits = case.logits.requires_grad_(True)
     torch.library.opcheck(FWD, (logits, case.target, case.mask, case.beta_map, None, *case.options()),
                           test_utils=utils)

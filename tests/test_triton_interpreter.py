@@ -24,8 +24,10 @@ pytestmark = [
 
 triton = pytest.importorskip("triton")
 
-from dsnt_cuda import ops as op_glue, reference  # noqa: E402
+from dsnt_cuda import ops as op_glue  # noqa: E402
+from dsnt_cuda import reference  # noqa: E402
 from dsnt_cuda.triton import ops as tops  # noqa: E402
+
 from support import UPSTREAM, check_against_reference, make_case, run_ops  # noqa: E402
 
 NORMS = reference.NORMALIZATIONS
@@ -60,8 +62,9 @@ LOSSES = ("euclidean", "l1", "mse", "none")
 
 def rotated_case(shape, normalization, reg, index, dtype=torch.float64):
     # (beta 1.3 and sigma_t 1.1 are no float32 numbers: float64 kernels must see them exactly)
-    return make_case(shape, normalization, reg, dtype=dtype, seed=zlib.crc32(f"{normalization}{reg}".encode()),
-                     sigma_t=1.1, coord_loss=LOSSES[index % 4], normalized_coordinates=index % 4 != 3 or reg == "var",
+    seed = zlib.crc32(f"{normalization}{reg}".encode())
+    return make_case(shape, normalization, reg, dtype=dtype, seed=seed, sigma_t=1.1,
+                     coord_loss=LOSSES[index % 4], normalized_coordinates=index % 4 != 3 or reg == "var",
                      beta_kind=KINDS[index % 4], sigma_kind=KINDS[(index + 1) % 4], mask=index % 2 == 0)
 
 
@@ -147,7 +150,7 @@ def test_nan_map_keeps_what_does_not_depend_on_it():
     """reg none keeps 0 losses; without grad_reg_losses the target gets no regularizer gradient."""
     case = make_case((1, 2, 4, 5), "softmax", "js", upstream=["grad_coords"])
     case.logits[0, 0, 1, 2] = float("nan")
-    outs, grads = run_ops(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case)
+    _, grads = run_ops(tops.dsnt_fwd_triton, tops.dsnt_bwd_triton, case)
     assert (grads[1] == 0).all()
     none_case = make_case((1, 2, 4, 5), "softmax", "none")
     none_case.logits[0, 0, 1, 2] = float("nan")
@@ -240,5 +243,5 @@ def test_backward_refuses_what_would_read_out_of_bounds():
             bwd(**{name: bad})
     for name in ("beta_map", "sigma_t_map"):  # read through (B, L) strides
         with pytest.raises(ValueError, match=name):
-            tops.dsnt_fwd_triton(*case.fwd_args()[:3], *(torch.ones(5) if n == name else None
-                                                         for n in ("beta_map", "sigma_t_map")), *case.options())
+            per_map = (torch.ones(5) if n == name else None for n in ("beta_map", "sigma_t_map"))
+            tops.dsnt_fwd_triton(*case.fwd_args()[:3], *per_map, *case.options())

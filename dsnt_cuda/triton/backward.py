@@ -14,17 +14,57 @@ import triton
 import triton.language as tl
 
 from dsnt_cuda.triton.map_math import (
-    AxisGrad, axis_grad, axis_grad_coefs, map_upstream, target_mean_grad, target_mean_grad_coef,
+    AxisGrad,
+    axis_grad,
+    axis_grad_coefs,
+    map_upstream,
+    target_mean_grad,
+    target_mean_grad_coef,
 )
 from dsnt_cuda.triton.math import (
-    AXES, JS, KL, LN2, LOSS_NONE, NONE, RELU, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS,
-    STAT_MEAN, STAT_SHIFT, PerAxis, exp2, floor_at, grid_affine, js_grad_p, js_target_weight,
-    kl_grad_p, kl_target_weight, log2, log2_floor, rectified_log2, rectify, rectify_grad,
+    AXES,
+    JS,
+    KL,
+    LN2,
+    LOSS_NONE,
+    NONE,
+    RELU,
+    SOFTMAX,
+    STAT_DENOM,
+    STAT_DIV_GRAD,
+    STAT_MASS,
+    STAT_MEAN,
+    STAT_SHIFT,
+    PerAxis,
+    exp2,
+    floor_at,
+    grid_affine,
+    js_grad_p,
+    js_target_weight,
+    kl_grad_p,
+    kl_target_weight,
+    log2,
+    log2_floor,
+    rectified_log2,
+    rectify,
+    rectify_grad,
     softmax_log2_weight,
 )
 from dsnt_cuda.triton.tiles import (
-    MapTile, Target, add_axes, axis_sums, load_axes, load_tile, map_tile, marginals,
-    per_map_scalar, shift_base, target_means, target_q, target_setup, target_tile,
+    MapTile,
+    Target,
+    add_axes,
+    axis_sums,
+    load_axes,
+    load_tile,
+    map_tile,
+    marginals,
+    per_map_scalar,
+    shift_base,
+    target_means,
+    target_q,
+    target_setup,
+    target_tile,
 )
 
 
@@ -120,9 +160,10 @@ def _dsnt_bwd_kernel(
     map_id = tl.program_id(0)
     chunk = tl.program_id(1)
     b = map_id // keypoints
-    l = map_id % keypoints
-    beta = per_map_scalar(beta_ptr, b, l, stride_beta_b, stride_beta_l, beta_hi, beta_lo, HAS_BETA_MAP, ACC)
-    sigma_t = per_map_scalar(sigma_ptr, b, l, stride_sigma_b, stride_sigma_l, sigma_hi, sigma_lo,
+    keypoint = map_id % keypoints
+    beta = per_map_scalar(beta_ptr, b, keypoint, stride_beta_b, stride_beta_l, beta_hi, beta_lo, HAS_BETA_MAP,
+                          ACC)
+    sigma_t = per_map_scalar(sigma_ptr, b, keypoint, stride_sigma_b, stride_sigma_l, sigma_hi, sigma_lo,
                              HAS_SIGMA_MAP, ACC)
     zero = tl.zeros([], ACC)
     zeros = PerAxis(zero, zero, zero)
@@ -168,7 +209,8 @@ def _dsnt_bwd_kernel(
     denom_p = tl.where(uniform, zero + MAP_SIZE, denom)
     n = Probabilities(tl.load(stats + STAT_SHIFT), beta * 1.4426950408889634, 1.0 / denom_p,
                       log2(denom_p), uniform)
-    sum_pg = dot_axes(up.gamma, coords) + dot_axes(up.nu, variance) + up.omega * tl.load(stats + STAT_DIV_GRAD)
+    div_grad = tl.load(stats + STAT_DIV_GRAD)
+    sum_pg = dot_axes(up.gamma, coords) + dot_axes(up.nu, variance) + up.omega * div_grad
     if NORM == SOFTMAX:
         g_scale = beta
     elif NORM == NONE:

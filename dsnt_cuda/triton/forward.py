@@ -14,13 +14,47 @@ import triton.language as tl
 
 from dsnt_cuda.triton.map_math import coord_loss_value
 from dsnt_cuda.triton.math import (
-    JS, KL, LN2, LOSS_NONE, NONE, SOFTMAX, STAT_DENOM, STAT_DIV_GRAD, STAT_MASS, STAT_MEAN,
-    STAT_SHIFT, VAR, PerAxis, add_js_terms, add_kl_terms, exp2, floor_at, grid_affine, log2,
-    log2_floor, nan_max, rectified_log2, rectify, softmax_log2_weight,
+    JS,
+    KL,
+    LN2,
+    LOSS_NONE,
+    NONE,
+    SOFTMAX,
+    STAT_DENOM,
+    STAT_DIV_GRAD,
+    STAT_MASS,
+    STAT_MEAN,
+    STAT_SHIFT,
+    VAR,
+    PerAxis,
+    add_js_terms,
+    add_kl_terms,
+    exp2,
+    floor_at,
+    grid_affine,
+    log2,
+    log2_floor,
+    nan_max,
+    rectified_log2,
+    rectify,
+    softmax_log2_weight,
 )
 from dsnt_cuda.triton.tiles import (
-    MapTile, add_axes, load_axes, load_tile, map_tile, marginals, max_all, per_map_scalar, scale_axes,
-    second_moments, shift_base, store_axes, target_q, target_setup, target_tile,
+    MapTile,
+    add_axes,
+    load_axes,
+    load_tile,
+    map_tile,
+    marginals,
+    max_all,
+    per_map_scalar,
+    scale_axes,
+    second_moments,
+    shift_base,
+    store_axes,
+    target_q,
+    target_setup,
+    target_tile,
     total_and_first_moments,
 )
 
@@ -137,10 +171,11 @@ def _dsnt_fwd_kernel(
     OTHER: tl.constexpr = -float("inf") if NORM == SOFTMAX else 0.0
     map_id = tl.program_id(0)
     b = map_id // keypoints
-    l = map_id % keypoints
+    keypoint = map_id % keypoints
     base = logits_ptr + map_id.to(tl.int64) * MAP_SIZE
-    beta = per_map_scalar(beta_ptr, b, l, stride_beta_b, stride_beta_l, beta_hi, beta_lo, HAS_BETA_MAP, ACC)
-    sigma_t = per_map_scalar(sigma_ptr, b, l, stride_sigma_b, stride_sigma_l, sigma_hi, sigma_lo,
+    beta = per_map_scalar(beta_ptr, b, keypoint, stride_beta_b, stride_beta_l, beta_hi, beta_lo, HAS_BETA_MAP,
+                          ACC)
+    sigma_t = per_map_scalar(sigma_ptr, b, keypoint, stride_sigma_b, stride_sigma_l, sigma_hi, sigma_lo,
                              HAS_SIGMA_MAP, ACC)
     beta_log2e = beta * 1.4426950408889634
     if DIVERGENCE or COORD_LOSS != LOSS_NONE:
@@ -196,7 +231,8 @@ def _dsnt_fwd_kernel(
     mass = tl.full([], 1.0, ACC)
     if NORM == NONE:
         mass = sums.total
-    coords = PerAxis(axis_coord(ubar.x, mass, SIZE_X, NORMALIZED), axis_coord(ubar.y, mass, SIZE_Y, NORMALIZED),
+    coords = PerAxis(axis_coord(ubar.x, mass, SIZE_X, NORMALIZED),
+                     axis_coord(ubar.y, mass, SIZE_Y, NORMALIZED),
                      axis_coord(ubar.z, mass, SIZE_Z, NORMALIZED))
     variance = scale_axes(m2, n.inv_denom)
     reg_value = tl.zeros([], ACC)

@@ -10,10 +10,19 @@ import triton
 import triton.language as tl
 
 from dsnt_cuda.triton.math import (
-    EUCLIDEAN, L1, LOG2_DIV_EPS, LOSS_NONE, MSE, SQRT_HALF_LOG2E, VAR, GridAffine, PerAxis, exp2, log2,
+    EUCLIDEAN,
+    L1,
+    LOG2_DIV_EPS,
+    LOSS_NONE,
+    MSE,
+    SQRT_HALF_LOG2E,
+    VAR,
+    GridAffine,
+    PerAxis,
+    exp2,
+    log2,
     splat,
 )
-
 
 # ---- the separable Gaussian target (docs/math.md §4) --------------------------------------------
 

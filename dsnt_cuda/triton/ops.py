@@ -27,7 +27,8 @@ import triton
 from dsnt_cuda import ops as _ops
 from dsnt_cuda.triton.backward import _dsnt_bwd_kernel
 from dsnt_cuda.triton.forward import _dsnt_fwd_kernel, _dsnt_loss_kernel
-from dsnt_cuda.triton.math import AXES as _AXES, COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
+from dsnt_cuda.triton.math import AXES as _AXES
+from dsnt_cuda.triton.math import COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
 
 # Launch plan knobs, module attributes so that tests can lower them (looped paths, several
 # programs per map, per-axis loops with small maps). A map whose padded tile has at most
@@ -79,7 +80,8 @@ def _check_read(t, name: str, shape, device) -> None:
     if t is None:
         return
     if tuple(t.shape) != tuple(shape) or t.device != device:
-        raise ValueError(f"{name} must have shape {tuple(shape)} on {device}, got {tuple(t.shape)} on {t.device}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} on {device}, "
+                         f"got {tuple(t.shape)} on {t.device}")
 
 
 def _device_of(x: torch.Tensor):
@@ -102,13 +104,15 @@ class _Geometry:
         self.sizes = tuple(spatial[::-1]) + (1,) * (3 - self.ndim)  # x, y, z
         self.map_size = math.prod(spatial)
         if self.map_size > MAX_MAP_SIZE:
-            raise ValueError(f"a map may have at most {MAX_MAP_SIZE} elements (int32 offsets), got {self.map_size}")
+            raise ValueError(f"a map may have at most {MAX_MAP_SIZE} elements (int32 offsets), "
+                             f"got {self.map_size}")
         self.acc = torch.float64 if self.logits.dtype == torch.float64 else torch.float32
         self.device = self.logits.device
         self.rows = self.sizes[1] * self.sizes[2]
         fp64 = self.acc == torch.float64
         cols = triton.next_power_of_2(self.sizes[0])
-        self.single = cols * triton.next_power_of_2(self.rows) <= (SINGLE_TILE_MAX_FP64 if fp64 else SINGLE_TILE_MAX)
+        single_max = SINGLE_TILE_MAX_FP64 if fp64 else SINGLE_TILE_MAX
+        self.single = cols * triton.next_power_of_2(self.rows) <= single_max
         if self.single:
             self.block_c, self.block_r = cols, triton.next_power_of_2(self.rows)
         else:
@@ -208,7 +212,8 @@ def dsnt_bwd_triton(grad_coords, grad_variance, grad_reg_losses, grad_coord_loss
     grad_variance = g.as_acc(grad_variance, "grad_variance", per_point)
     grad_reg_losses = g.as_acc(grad_reg_losses, "grad_reg_losses", per_point[:2])
     grad_coord_losses = g.as_acc(grad_coord_losses if with_loss else None, "grad_coord_losses", per_point[:2])
-    grad_loss = g.as_acc(grad_loss.reshape(()) if with_loss and grad_loss is not None else None, "grad_loss", ())
+    grad_loss = g.as_acc(grad_loss.reshape(()) if with_loss and grad_loss is not None else None, "grad_loss",
+                         ())
     mask_acc = g.as_acc(mask if grad_loss is not None else None, "mask", per_point[:2])
     mask_total = mask_acc.sum().clamp(min=1) if mask_acc is not None else None
     beta_view, sigma_view = g.per_map(beta_map, "beta_map"), g.per_map(sigma_t_map, "sigma_t_map")

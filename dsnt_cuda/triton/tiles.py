@@ -13,7 +13,12 @@ import triton
 import triton.language as tl
 
 from dsnt_cuda.triton.map_math import (
-    TargetAxisSums, TargetNorm, target_axis_mean, target_centre, target_log2_coef, target_log2_factor,
+    TargetAxisSums,
+    TargetNorm,
+    target_axis_mean,
+    target_centre,
+    target_log2_coef,
+    target_log2_factor,
     target_norm,
 )
 from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, min_normal, nan_max
@@ -184,10 +189,10 @@ def store_axes(ptr, v: PerAxis, NDIM: tl.constexpr):
 
 
 @triton.jit
-def per_map_scalar(ptr, b, l, stride_b, stride_l, hi, lo, HAS_MAP: tl.constexpr, ACC: tl.constexpr):
+def per_map_scalar(ptr, b, keypoint, stride_b, stride_l, hi, lo, HAS_MAP: tl.constexpr, ACC: tl.constexpr):
     # A float argument arrives as a float32 pair hi + lo: float64 kernels see it to ~1e-15.
     if HAS_MAP:
-        value = tl.load(ptr + b * stride_b + l * stride_l).to(ACC)
+        value = tl.load(ptr + b * stride_b + keypoint * stride_l).to(ACC)
     else:
         value = tl.cast(hi, ACC) + tl.cast(lo, ACC)
     return value
