@@ -4,19 +4,13 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
-#include <map>
 #include <string>
-#include <vector>
 
 namespace dsnt_cuda {
 #ifdef DSNT_WITH_CUDA
 // Defined in csrc/cuda/build_info.cu, where nvcc's macros are visible.
 std::string cuda_runtime_version();
 std::string cuda_architectures();
-// Defined in csrc/cuda/host.cu: the launch plan the CUDA ops would use (make cuda-report).
-std::string cuda_launch_plan_json(int64_t batch, int64_t keypoints, const std::vector<int64_t>& spatial,
-                                  int64_t elem_size, bool backward, const std::map<std::string, int64_t>& registers,
-                                  int64_t sms, int64_t max_cluster);
 #endif
 }  // namespace dsnt_cuda
 
@@ -40,10 +34,4 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dsnt_cuda's compiled kernels; the ops live in torch.ops.dsnt_cuda";
   m.def("build_info", &build_info, "torch version, CUDA version and GPU architectures of this build");
-#ifdef DSNT_WITH_CUDA
-  m.def("cuda_launch_plan", &dsnt_cuda::cuda_launch_plan_json, pybind11::arg("batch"), pybind11::arg("keypoints"),
-        pybind11::arg("spatial"), pybind11::arg("elem_size"), pybind11::arg("backward"), pybind11::arg("registers"),
-        pybind11::arg("sms") = 132, pybind11::arg("max_cluster") = 16,
-        "JSON: the launch plan of the CUDA ops for a logits shape, from a device model and kernel registers");
-#endif
 }

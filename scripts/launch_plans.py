@@ -1,7 +1,7 @@
 """The launch plans of the CUDA ops for the benchmark shapes (docs/performance.md §5).
 
 Each plan comes from the ops' own planner (csrc/cuda/launch_plan.cu, through
-dsnt_cuda._C.cuda_launch_plan), fed with an H100 / H200 model (132 SMs, 16-CTA clusters) and the
+its C entry dsnt_cuda_launch_plan_json, scripts/cuda_objects.py), fed with an H100 / H200 model (132 SMs, 16-CTA clusters) and the
 registers of the built kernels (their disassembly): size class, CTAs (per map), CTAs resident per
 SM, waves of work over the resident CTAs, the idle fraction of the last wave, and the passes over
 the logits in HBM. Bandwidth-bound shapes must fill the GPU (at least 132 CTAs, a last wave at
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sass_count
+import cuda_objects  # noqa: E402
+import sass_count  # noqa: E402
 
 SHAPES = {"pose2d": (32, 16, 64, 64), "wholebody": (64, 133, 64, 48), "face": (256, 98, 64, 64),
           "volume3d": (16, 17, 64, 64, 64), "batch1": (1, 17, 64, 48)}
@@ -21,26 +22,26 @@ BANDWIDTH_BOUND = ("wholebody", "face", "volume3d")
 SMS = 132
 
 
-def registers_by_dtype(binary):
-    funcs = sass_count.parse_sass(sass_count.run_tool("cuobjdump", "-sass", str(binary)))
-    kernels = sass_count.kernels_of(funcs)
-    regs = sass_count.resources(binary)
-    return {dtype: sass_count.register_map(kernels, regs, dtype) for dtype in ("float32", "bfloat16")}
+def registers_by_dtype(binaries):
+    """{dtype: {"fwd_block": registers, ...}} over the binaries holding the kernels."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        out[dtype] = {}
+        for binary in binaries:
+            out[dtype].update({k: r for k, r in sass_count.register_map(binary, dtype).items() if r})
+    return out
 
 
 def main():
-    binary = sass_count.extension_binary()
-    if binary is None:
-        sys.exit("launch_plans: no built extension (make build)")
-    registers = registers_by_dtype(binary)
+    registers = registers_by_dtype(sass_count.binaries(parallel=2))
     ok = True
     print(f"{'shape':10} {'dtype':9} {'dir':4} {'class':9} {'CTAs':>6} {'per map':>8} {'CTAs/SM':>7} "
           f"{'waves':>5} {'idle':>6} {'HBM r/w':>7}  note")
     for name, shape in SHAPES.items():
         for dtype in ("float32", "bfloat16"):
             for backward in (False, True):
-                p = sass_count.launch_plan(shape, sass_count.ELEM_SIZE[dtype], backward, registers[dtype],
-                                           SMS)
+                p = cuda_objects.launch_plan(shape, sass_count.ELEM_SIZE[dtype], backward,
+                                             registers[dtype], SMS)
                 per_map = f"{p['ctas_per_map']}" if p["ctas_per_map"] > 1 else f"1/{p['maps_per_cta']}"
                 note = ""
                 if p["launch_bound"]:

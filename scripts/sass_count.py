@@ -8,9 +8,11 @@ instructions of the steady-state one:
     (per-map set-up, tables, reductions) divided by the elements a thread holds;
   - the streamed forward loops over tiles twice per map (two HBM passes): the two tile loops,
     each divided by the elements a thread takes per tile, summed.
-Branches of the divergent-warp fallback (BRA.DIV) and calls (the per-map epilogue one thread
-runs, the out-of-line loads of unaligned maps) are not followed. `spills` counts local-memory
-instructions (LDL / STL) in the counted loop.
+Branches of the divergent-warp fallback (BRA.DIV) are not followed. A subroutine called in the
+loop (named by nvdisasm) counts as often as it runs for a contiguous, aligned, finite map: the
+per-map outputs (write_map_outputs, the group leader's) once per map, i.e. divided by the warps
+of the map; the out-of-line strided loads and the math library's slow paths not at all.
+`spills` counts local-memory instructions (LDL / STL) in what is counted.
 
 What runs: the production build holds, per size class and dtype, a kernel specialised for the
 standard loss (softmax + JS, no target / beta gradient, no variance upstream), which the ops
@@ -24,10 +26,7 @@ instructions that run for that mode.
 """
 
 import argparse
-import concurrent.futures
 import csv
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -36,13 +35,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_objects  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CSV_COLUMNS = ["backend", "kernel", "dtype", "direction", "size_class", "normalization", "reg", "sass_per_element",
                "mufu_per_element", "registers", "spills", "ctas_per_sm"]
 NORMALIZATIONS = ("softmax", "abs", "relu", "sigmoid", "none")
 REGULARIZERS = ("none", "js", "kl", "var")
-CPP_NAMES = {"softmax": "Softmax", "abs": "Abs", "relu": "Relu", "sigmoid": "Sigmoid", "none": "None",
-             "js": "JS", "kl": "KL", "var": "Var"}
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 ELEM_SIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 # A shape per (direction, class) whose launch plan gives the class's CTAs per SM and the
@@ -113,6 +113,36 @@ def run_tool(tool: str, *args) -> str:
     if path is None:
         raise RuntimeError(f"{tool} not found (CUDA toolkit or triton)")
     return subprocess.run([path, *args], capture_output=True, text=True, check=True).stdout
+
+
+_LABEL = re.compile(r"^(\$\S+?|\.L_\S+):\s*$")
+
+
+def callee_labels(binary: Path) -> dict:
+    """{kernel: {address: subroutine label}} from nvdisasm of the binary's cubins: a function the
+    compiler kept out of line is `$<kernel>$<its mangled name>`, a slow path of the CUDA math
+    library `$__internal_<n>_$__cuda_<what>_slowpath`."""
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([find_tool("cuobjdump"), "-xelf", "all", str(Path(binary).resolve())], cwd=tmp,
+                       capture_output=True, check=True)
+        for cubin in Path(tmp).glob("*.cubin"):
+            kernel, label = None, None
+            for line in run_tool("nvdisasm", "-c", str(cubin)).splitlines():
+                if line.startswith(".text."):
+                    kernel = line[len(".text."):].rstrip(":")
+                    continue
+                m = _LABEL.match(line)
+                if m:
+                    label = m.group(1)
+                    continue
+                m = _INSTR.match(line)
+                if m and kernel and label and label.startswith("$"):
+                    out.setdefault(kernel, {})[int(m.group(1), 16)] = label
+                    label = None
+    return out
 
 
 def _blocks(fn: Function):
@@ -257,7 +287,39 @@ class Count:
     spills: int
 
 
-def count(kernel: Kernel, elements: int) -> Count:
+def callee_instrs(fn: Function, start: int) -> list:
+    """The instructions of the subroutine at `start`: its blocks reachable from there."""
+    blocks, succ = _blocks(fn)
+    first = next(n for n, b in enumerate(blocks) if b[0].addr == start)
+    seen, stack = {first}, [first]
+    while stack:
+        n = stack.pop()
+        if blocks[n][-1].opcode.startswith("RET"):
+            continue
+        for v in succ[n]:
+            if v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return [i for n in sorted(seen) for i in blocks[n]]
+
+
+def call_weight(label: str, warps_per_map: float) -> float:
+    """How often a subroutine called in the loop runs, per warp and map: the per-map outputs
+    (write_map_outputs) once per map, by the group's leader; the strided loads (load_tile_strided),
+    the masked stores of unaligned rows (store_tile_masked) and the math library's slow paths
+    (denormal or huge operands of a division, reciprocal or square root) never for contiguous,
+    aligned, finite maps, the case the rows count; the math library's other routines (float64
+    division) every time they are called."""
+    if "write_map_outputs" in label:
+        return 1.0 / warps_per_map
+    if any(path in label for path in ("load_tile_strided", "store_tile_masked", "slowpath")):
+        return 0.0
+    if "__cuda_" in label:  # the math library's own routine (float64 division): runs every time
+        return 1.0
+    raise RuntimeError(f"a call in the counted loop to an unknown subroutine: {label}")
+
+
+def count(kernel: Kernel, elements: int, labels: dict, warps_per_map: float) -> Count:
     """Per-element instructions of the kernel's steady-state loop(s), see the module docstring."""
     loops = sorted(natural_loops(kernel.fn), key=lambda l: -len(loop_instrs(l)))
     if not loops:
@@ -269,30 +331,29 @@ def count(kernel: Kernel, elements: int) -> Count:
         body = [i for l in inner for i in loop_instrs(l)]
     else:
         body = loop_instrs(outer)
-    mufu = sum(i.opcode.startswith("MUFU") for i in body)
-    spills = sum(i.opcode.startswith(("LDL", "STL")) for i in body)
-    return Count(len(body) / elements, mufu / elements, spills)
+    weighted = [(i, 1.0) for i in body]
+    for call in (i for i in body if i.opcode.startswith("CALL")):
+        w = call_weight(labels.get(call.target, f"<{call.target:#x}>"), warps_per_map)
+        if w:
+            weighted += [(i, w) for i in callee_instrs(kernel.fn, call.target)]
+    sass = sum(w for _, w in weighted)
+    mufu = sum(w for i, w in weighted if i.opcode.startswith("MUFU"))
+    spills = sum(i.opcode.startswith(("LDL", "STL")) for i, _ in weighted)
+    return Count(sass / elements, mufu / elements, spills)
 
 
-def launch_plan(shape, elem_size, backward, registers, sms=132, max_cluster=16) -> dict:
-    """The plan of the ops' own planner (csrc/cuda/launch_plan.cu) through dsnt_cuda._C."""
-    sys.path.insert(0, str(ROOT))
-    from dsnt_cuda import _extension
-
-    if _extension._C is None or not hasattr(_extension._C, "cuda_launch_plan"):
-        raise RuntimeError(f"dsnt_cuda._C with CUDA is needed for launch plans: {_extension.LOAD_ERROR}")
-    text = _extension._C.cuda_launch_plan(shape[0], shape[1], list(shape[2:]), elem_size, backward, registers, sms,
-                                          max_cluster)
-    return json.loads(text)
+def plan_key(k: Kernel) -> str:
+    """The planner's name of the kernel (cuda_objects.PLAN_KERNELS)."""
+    return ("fwd_" if k.direction == "forward" else "bwd_") + k.size_class
 
 
-def register_map(kernels: list, regs: dict, dtype: str) -> dict:
-    """{"fwd_block": registers, ...} of the kernels the ops launch for the standard loss."""
-    out = {}
-    for k in kernels:
-        if k.dtype == dtype and k.standard:
-            out[("fwd_" if k.direction == "forward" else "bwd_") + k.size_class] = regs.get(k.mangled, 64)
-    return out
+def register_map(binary: Path, dtype: str) -> dict:
+    """{"fwd_block": registers, ...} of the standard-loss kernels of `dtype` in `binary` (the
+    general ones where a dtype has no standard kernel)."""
+    kernels = kernels_of(parse_sass(run_tool("cuobjdump", "-sass", str(binary))))
+    regs = resources(binary)
+    return {plan_key(k): regs.get(k.mangled, 0) for k in sorted(kernels, key=lambda k: k.standard)
+            if k.dtype == dtype}
 
 
 def rows_of(binary: Path, modes=None) -> list:
@@ -300,6 +361,7 @@ def rows_of(binary: Path, modes=None) -> list:
     funcs = parse_sass(run_tool("cuobjdump", "-sass", str(binary)))
     kernels = kernels_of(funcs)
     regs = resources(binary)
+    labels = callee_labels(binary)
     rows = []
     for k in kernels:
         if modes is None and not k.standard:
@@ -309,10 +371,10 @@ def rows_of(binary: Path, modes=None) -> list:
         else:
             normalization, reg = modes
         shape = PLAN_SHAPES[(k.direction, k.size_class)]
-        plan = launch_plan(shape, ELEM_SIZE[k.dtype], k.direction == "backward",
-                           {("fwd_" if k.direction == "forward" else "bwd_") + k.size_class: regs.get(k.mangled, 64)})
-        elements = plan["elements_per_thread"]
-        c = count(k, elements)
+        plan = cuda_objects.launch_plan(shape, ELEM_SIZE[k.dtype], k.direction == "backward",
+                                        {plan_key(k): regs.get(k.mangled, 0)})
+        warps_per_map = plan["threads"] / 32 / plan["maps_per_cta"] * plan["ctas_per_map"]
+        c = count(k, plan["elements_per_thread"], labels.get(k.mangled, {}), warps_per_map)
         rows.append({"backend": "cuda", "kernel": k.mangled, "dtype": k.dtype, "direction": k.direction,
                      "size_class": k.size_class, "normalization": normalization, "reg": reg,
                      "sass_per_element": round(c.sass, 2), "mufu_per_element": round(c.mufu, 3),
@@ -320,79 +382,18 @@ def rows_of(binary: Path, modes=None) -> list:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Probe builds: one object per (normalization, reg), float32, the modes fixed at compile time
+def binaries(parallel: int) -> list:
+    """What the ops run: the built extension's library, else the production objects (nvcc)."""
+    lib = cuda_objects.extension_library()
+    return [lib] if lib else cuda_objects.production_objects(parallel)
 
 
-def nvcc_command(source: Path, output: Path, defines: list) -> list:
-    import torch
-    import torch.utils.cpp_extension as ext
-
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    nvcc = shutil.which("nvcc") or str(Path(cuda_home) / "bin" / "nvcc")
-    try:
-        includes = ext.include_paths(device_type="cuda")
-    except TypeError:
-        includes = ext.include_paths(cuda=True)
-    arch = os.environ.get("CUDA_ARCH", "90")
-    return [nvcc, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo",
-            f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_EXTENSION_NAME=_C",
-            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DDSNT_WITH_CUDA=1", "-D__CUDA_NO_HALF_OPERATORS__",
-            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-            f"-I{ROOT / 'csrc'}", *[f"-I{p}" for p in includes], f"-I{Path(cuda_home) / 'include'}",
-            *[f"-D{d}" for d in defines], "-Xcompiler", "-fPIC", "-c", str(source), "-o", str(output)]
-
-
-PROBE_SOURCE = """// A SASS probe (scripts/sass_count.py): the general kernel of every size class of both
-// directions, float32, one mode fixed at compile time.
-#include "launcher_impl.cuh"
-namespace dsnt_cuda {
-template struct Launcher<SizeClass::Warp, false, false, float>;
-template struct Launcher<SizeClass::Block, false, false, float>;
-template struct Launcher<SizeClass::Cluster, false, false, float>;
-template struct Launcher<SizeClass::Streamed, false, false, float>;
-template struct Launcher<SizeClass::Warp, true, false, float>;
-template struct Launcher<SizeClass::Block, true, false, float>;
-}  // namespace dsnt_cuda
-"""
-
-
-def sources_digest() -> str:
-    h = hashlib.sha256()
-    for p in sorted((ROOT / "csrc").rglob("*")):
-        if p.suffix in (".h", ".cuh", ".cu") and "cpu" not in p.parts:
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def probe_objects(modes: list, jobs: int) -> dict:
-    """{(normalization, reg): object} for the probe builds, cached under build/sass_probes/ by
-    a digest of the CUDA sources (rebuilt only when they change)."""
-    out_dir = ROOT / "build" / "sass_probes" / sources_digest()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = out_dir / "probe.cu"
-    source.write_text(PROBE_SOURCE)
-
-    def build(mode):
-        obj = out_dir / f"{mode[0]}-{mode[1]}.o"
-        if not obj.exists():
-            defines = ["DSNT_FLOAT_ONLY", f"DSNT_PROBE_NORMALIZATION={CPP_NAMES[mode[0]]}",
-                       f"DSNT_PROBE_REG={CPP_NAMES[mode[1]]}"]
-            done = subprocess.run(nvcc_command(source, obj.with_suffix(".tmp.o"), defines), capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"probe {mode} failed:\n{done.stderr[-4000:]}")
-            obj.with_suffix(".tmp.o").rename(obj)
-        return mode, obj
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(pool.map(build, modes))
-
-
-def extension_binary() -> Path | None:
-    found = sorted((ROOT / "dsnt_cuda").glob("_C*.so"))
-    return found[0] if found else None
+def standard_rows(parallel: int) -> list:
+    """Rows of the float32 standard-loss kernels (the budget test): from the built extension,
+    else from a quick build of those kernels only."""
+    lib = cuda_objects.extension_library()
+    found = rows_of(lib) if lib else [r for o in cuda_objects.standard_objects(parallel) for r in rows_of(o)]
+    return [r for r in found if r["dtype"] == "float32" and r["normalization"] == "softmax" and r["reg"] == "js"]
 
 
 def write_csv(rows: list, path: Path):
@@ -414,18 +415,16 @@ def print_rows(rows: list):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--binary", type=Path, help="object or library to count (default: the built extension)")
+    parser.add_argument("--binary", type=Path, help="object or library to count (default: the built extension, "
+                        "else the production objects)")
     parser.add_argument("--probes", action="store_true", help="also compile and count every other mode (slow)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     parser.add_argument("--csv", type=Path, help="write the rows there")
     args = parser.parse_args(argv)
-    binary = args.binary or extension_binary()
-    if binary is None:
-        sys.exit("sass_count: no built extension (make build) and no --binary")
-    rows = rows_of(binary)
+    rows = [r for b in ([args.binary] if args.binary else binaries(args.jobs)) for r in rows_of(b)]
     if args.probes:
         modes = [(n, r) for n in NORMALIZATIONS for r in REGULARIZERS if (n, r) != ("softmax", "js")]
-        for mode, obj in probe_objects(modes, args.jobs).items():
+        for mode, obj in cuda_objects.probe_objects(modes, args.jobs).items():
             rows += rows_of(obj, mode)
     rows.sort(key=lambda r: (r["direction"], r["size_class"], r["dtype"], r["normalization"] != "softmax",
                              r["normalization"], r["reg"]))

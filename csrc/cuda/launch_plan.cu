@@ -6,12 +6,16 @@
 // Grids are persistent and balanced: with R work items resident at once, `waves` =
 // ceil(items / R) rounds and the grid is ceil(items / waves) items, so the last round is as
 // full as the item count allows (wholebody, face: under 1 % idle) instead of a partial wave.
+// Also the report's entry (dsnt_cuda_launch_plan_json, at the end): the plans it prints come from
+// this planner, fed with a device model instead of a live GPU.
 #include "launch_plan.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <sstream>
 #include <string>
 
 #include "kernel_args.cuh"
@@ -200,4 +204,78 @@ LaunchPlan plan_launch(const PlanInput& in, const DeviceInfo& dev) {
   return p;
 }
 
+namespace {
+
+// registers[]: the kernels' registers, in KernelRegisters order (0: unknown, 64 assumed).
+// The forward kernels in SizeClass order, then the backward warp and block (split) kernels.
+enum KernelRegisters { kFwdWarp, kFwdBlock, kFwdCluster, kFwdStreamed, kBwdWarp, kBwdBlock };
+static_assert(kFwdStreamed == static_cast<int>(SizeClass::Streamed), "forward kernels in SizeClass order");
+
+DeviceInfo modelled_device(const int* registers, int sms, int max_cluster) {
+  auto regs = [registers](SizeClass c, bool backward) {
+    const int i = backward ? (c == SizeClass::Warp ? kBwdWarp : kBwdBlock) : static_cast<int>(c);
+    return registers[i] > 0 ? registers[i] : 64;
+  };
+  DeviceInfo dev;
+  dev.sms = sms;
+  dev.max_cluster = max_cluster;
+  dev.ctas_per_sm = [regs](SizeClass c, bool backward, int threads, size_t smem) {
+    return model_ctas_per_sm(regs(c, backward), threads, smem);
+  };
+  // the GPU's resident CTAs grouped into clusters (on a GPU the occupancy API says it)
+  dev.max_active_clusters = [regs, sms](int cluster, int threads, size_t smem) {
+    return sms * model_ctas_per_sm(regs(SizeClass::Cluster, false), threads, smem) / cluster;
+  };
+  return dev;
+}
+
+std::string plan_json(const LaunchPlan& p, bool backward) {
+  std::ostringstream o;
+  o << "{\"class\": \"" << size_class_name(p.cls, backward) << "\", \"threads\": " << p.threads
+    << ", \"maps_per_cta\": " << p.groups_per_cta << ", \"ctas_per_map\": " << p.slices
+    << ", \"cluster\": " << p.cluster << ", \"ctas\": " << p.ctas << ", \"ctas_per_sm\": " << p.ctas_per_sm
+    << ", \"resident_ctas\": " << p.resident << ", \"waves\": " << p.waves
+    << ", \"last_wave_idle\": " << p.last_wave_idle << ", \"hbm_reads\": " << p.hbm_reads
+    << ", \"hbm_writes\": " << p.hbm_writes << ", \"smem\": " << p.smem
+    << ", \"launch_bound\": " << (p.launch_bound ? "true" : "false") << ", \"group\": " << p.layout.group
+    << ", \"cols\": " << p.layout.cols << ", \"tile_rows\": " << p.layout.tile_rows
+    << ", \"vrows\": " << p.layout.vrows << ", \"slice_vrows\": " << p.layout.slice_vrows
+    << ", \"elements_per_thread\": " << p.layout.chunks * p.layout.vec << "}";
+  return o.str();
+}
+
+}  // namespace
+
 }  // namespace dsnt_cuda
+
+// The launch plan of contiguous logits of shape (batch, keypoints, *spatial) as JSON, for the
+// report (scripts/sass_count.py loads it with ctypes from the built extension or from the
+// emulation's build of these sources: no GPU, no CUDA runtime). The string lives until the
+// calling thread's next call; an error is returned as {"error": ...}.
+extern "C" __attribute__((visibility("default"))) const char* dsnt_cuda_launch_plan_json(int64_t batch, int64_t keypoints, int dims, const int64_t* spatial,
+                                                  int elem_size, int backward, const int* registers, int sms,
+                                                  int max_cluster) {
+  using namespace dsnt_cuda;
+  thread_local std::string out;
+  try {
+    PlanInput in;
+    TORCH_CHECK_VALUE(dims >= 1 && dims <= kMaxSpatialDims, "1 to 3 spatial sizes");
+    in.dims = dims;
+    int64_t stride = 1;
+    for (int k = 0; k < dims; ++k) {  // x is the last tensor dim
+      in.size[k] = spatial[dims - 1 - k];
+      in.stride[k] = stride;
+      stride *= in.size[k];
+    }
+    in.maps = batch * keypoints;
+    in.elem_size = elem_size;
+    in.backward = backward != 0;
+    out = plan_json(plan_launch(in, modelled_device(registers, sms, max_cluster)), in.backward);
+  } catch (const std::exception& e) {
+    std::string message = e.what();
+    for (char& c : message) c = (c == '"' || c == '\\' || c == '\n') ? ' ' : c;  // a JSON string
+    out = "{\"error\": \"" + message + "\"}";
+  }
+  return out.c_str();
+}
+
