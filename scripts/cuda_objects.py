@@ -59,13 +59,15 @@ def nvcc_command(source: Path, output: Path, defines=(), shared=False) -> list:
     cmd = [nvcc(), "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DDSNT_WITH_CUDA=1",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", f"-I{ROOT / 'csrc'}", f"-I{CUDA_SOURCES}",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           f"-I{ROOT / 'csrc'}", f"-I{CUDA_SOURCES}",
            *[f"-I{p}" for p in includes], f"-I{cuda_home / 'include'}", *[f"-D{d}" for d in defines],
            "-Xcompiler", "-fPIC"]
     if shared:
-        return cmd + ["-shared", str(source), "-o", str(output), f"-L{lib}", "-lc10", f"-Xlinker=-rpath={lib}"]
-    return cmd + ["-c", str(source), "-o", str(output)]
+        link = [f"-L{lib}", "-lc10", f"-Xlinker=-rpath={lib}"]
+        return [*cmd, "-shared", str(source), "-o", str(output), *link]
+    return [*cmd, "-c", str(source), "-o", str(output)]
 
 
 @cache
@@ -107,7 +109,8 @@ def _source(name: str, text: str) -> Path:
 
 
 def production_objects(parallel: int, dtypes=("f32", "bf16", "f16", "f64")) -> list:
-    sources = sorted(p for p in (CUDA_SOURCES / "instances").glob("*.cu") if p.stem.rsplit("_", 1)[1] in dtypes)
+    sources = sorted(p for p in (CUDA_SOURCES / "instances").glob("*.cu")
+                     if p.stem.rsplit("_", 1)[1] in dtypes)
     return compile_all([(s, build_dir() / f"{s.stem}.o", (), False) for s in sources], parallel)
 
 
@@ -141,7 +144,8 @@ def probe_objects(modes: list, parallel: int) -> dict:
     """{(normalization, reg): object} of the general kernels with that mode fixed."""
     source = _probe_source("probe", "the general kernels, one mode fixed", FORWARD + BACKWARD, False)
     jobs = [(source, build_dir() / f"probe-{n}-{r}.o",
-             ("DSNT_FLOAT_ONLY", f"DSNT_PROBE_NORMALIZATION={MODE_NAMES[n]}", f"DSNT_PROBE_REG={MODE_NAMES[r]}"), False)
+             ("DSNT_FLOAT_ONLY", f"DSNT_PROBE_NORMALIZATION={MODE_NAMES[n]}",
+              f"DSNT_PROBE_REG={MODE_NAMES[r]}"), False)
             for n, r in modes]
     return dict(zip(modes, compile_all(jobs, parallel)))
 
@@ -158,8 +162,8 @@ def extension_library() -> Path | None:
 def _planner():
     import torch  # noqa: F401  (loads libc10 for the library)
 
-    lib = extension_library() or compile_all([(CUDA_SOURCES / "launch_plan.cu", build_dir() / "launch_plan.so",
-                                               (), True)], 1)[0]
+    planner_job = (CUDA_SOURCES / "launch_plan.cu", build_dir() / "launch_plan.so", (), True)
+    lib = extension_library() or compile_all([planner_job], 1)[0]
     fn = ctypes.CDLL(str(lib)).dsnt_cuda_launch_plan_json
     fn.restype = ctypes.c_char_p
     fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
@@ -172,7 +176,8 @@ def launch_plan(shape, elem_size: int, backward: bool, registers: dict, sms=132,
     whose kernels use `registers` ({"fwd_block": 128, ...}; missing: 64)."""
     spatial = (ctypes.c_int64 * 3)(*shape[2:])
     regs = (ctypes.c_int * len(PLAN_KERNELS))(*[registers.get(k, 0) for k in PLAN_KERNELS])
-    text = _planner()(shape[0], shape[1], len(shape) - 2, spatial, elem_size, int(backward), regs, sms, max_cluster)
+    text = _planner()(shape[0], shape[1], len(shape) - 2, spatial, elem_size, int(backward), regs, sms,
+                      max_cluster)
     plan = json.loads(text.decode())
     if "error" in plan:
         raise ValueError(f"launch plan of {tuple(shape)}: {plan['error']}")

@@ -1,20 +1,20 @@
 """The launch plans of the CUDA ops for the benchmark shapes (docs/performance.md §5).
 
-Each plan comes from the ops' own planner (csrc/cuda/launch_plan.cu, through
-its C entry dsnt_cuda_launch_plan_json, scripts/cuda_objects.py), fed with an H100 / H200 model (132 SMs, 16-CTA clusters) and the
-registers of the built kernels (their disassembly): size class, CTAs (per map), CTAs resident per
-SM, waves of work over the resident CTAs, the idle fraction of the last wave, and the passes over
-the logits in HBM. Bandwidth-bound shapes must fill the GPU (at least 132 CTAs, a last wave at
-most 10 % idle); a launch-bound one (batch-1) says so. Exit status 1 when a bandwidth-bound plan
-does not fill the GPU.
+Each plan comes from the ops' own planner (csrc/cuda/launch_plan.cu, through its C entry
+dsnt_cuda_launch_plan_json, scripts/cuda_objects.py), fed with an H100 / H200 model (132 SMs,
+16-CTA clusters) and the registers of the built kernels (their disassembly): size class, CTAs
+(per map), CTAs resident per SM, waves of work over the resident CTAs, the idle fraction of the
+last wave, and the passes over the logits in HBM. Bandwidth-bound shapes must fill the GPU (at
+least 132 CTAs, a last wave at most 10 % idle); a launch-bound one (batch-1) says so. Exit
+status 1 when a bandwidth-bound plan does not fill the GPU.
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cuda_objects  # noqa: E402
-import sass_count  # noqa: E402
+import cuda_objects
+import sass_count
 
 SHAPES = {"pose2d": (32, 16, 64, 64), "wholebody": (64, 133, 64, 48), "face": (256, 98, 64, 64),
           "volume3d": (16, 17, 64, 64, 64), "batch1": (1, 17, 64, 48)}

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cuda_objects  # noqa: E402
+import cuda_objects
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV_COLUMNS = ["backend", "kernel", "dtype", "direction", "size_class", "normalization", "reg", "sass_per_element",
-               "mufu_per_element", "registers", "spills", "ctas_per_sm"]
+CSV_COLUMNS = ["backend", "kernel", "dtype", "direction", "size_class", "normalization", "reg",
+               "sass_per_element", "mufu_per_element", "registers", "spills", "ctas_per_sm"]
 NORMALIZATIONS = ("softmax", "abs", "relu", "sigmoid", "none")
 REGULARIZERS = ("none", "js", "kl", "var")
 DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
@@ -159,7 +159,7 @@ def _blocks(fn: Function):
             if i.target in index and not i.opcode.startswith("BRA.DIV"):
                 leaders.add(index[i.target])
     starts = sorted(leaders)
-    blocks = [ins[a:b] for a, b in zip(starts, starts[1:] + [len(ins)])]
+    blocks = [ins[a:b] for a, b in zip(starts, [*starts[1:], len(ins)])]
     block_at = {blk[0].addr: n for n, blk in enumerate(blocks)}
     succ = []
     for n, blk in enumerate(blocks):
@@ -235,8 +235,8 @@ class Kernel:
     fn: Function = None
 
 
-_KERNEL = re.compile(r"dsnt_(fwd|bwd)(_streamed)?_kernel<([\w:]+)(?:, \(dsnt_cuda::FwdClass\)(\d)|, (true|false))?"
-                     r"(?:, (true|false))?>")
+_KERNEL = re.compile(r"dsnt_(fwd|bwd)(_streamed)?_kernel<([\w:]+)"
+                     r"(?:, \(dsnt_cuda::FwdClass\)(\d)|, (true|false))?(?:, (true|false))?>")
 _FWD_CLASSES = {"0": "warp", "1": "block", "2": "cluster"}
 
 
@@ -321,14 +321,14 @@ def call_weight(label: str, warps_per_map: float) -> float:
 
 def count(kernel: Kernel, elements: int, labels: dict, warps_per_map: float) -> Count:
     """Per-element instructions of the kernel's steady-state loop(s), see the module docstring."""
-    loops = sorted(natural_loops(kernel.fn), key=lambda l: -len(loop_instrs(l)))
+    loops = sorted(natural_loops(kernel.fn), key=lambda loop: -len(loop_instrs(loop)))
     if not loops:
         raise RuntimeError(f"{kernel.mangled}: no loop found")
     outer = loops[0]
     if kernel.size_class == "streamed":
-        inner = [l for l in loops[1:] if l[1] <= outer[1]
-                 and any(i.opcode.startswith("LDG") for i in loop_instrs(l))][:2]
-        body = [i for l in inner for i in loop_instrs(l)]
+        inner = [loop for loop in loops[1:] if loop[1] <= outer[1]
+                 and any(i.opcode.startswith("LDG") for i in loop_instrs(loop))][:2]
+        body = [i for loop in inner for i in loop_instrs(loop)]
     else:
         body = loop_instrs(outer)
     weighted = [(i, 1.0) for i in body]
@@ -378,7 +378,8 @@ def rows_of(binary: Path, modes=None) -> list:
         rows.append({"backend": "cuda", "kernel": k.mangled, "dtype": k.dtype, "direction": k.direction,
                      "size_class": k.size_class, "normalization": normalization, "reg": reg,
                      "sass_per_element": round(c.sass, 2), "mufu_per_element": round(c.mufu, 3),
-                     "registers": regs.get(k.mangled, ""), "spills": c.spills, "ctas_per_sm": plan["ctas_per_sm"]})
+                     "registers": regs.get(k.mangled, ""), "spills": c.spills,
+                     "ctas_per_sm": plan["ctas_per_sm"]})
     return rows
 
 
@@ -393,7 +394,8 @@ def standard_rows(parallel: int) -> list:
     else from a quick build of those kernels only."""
     lib = cuda_objects.extension_library()
     found = rows_of(lib) if lib else [r for o in cuda_objects.standard_objects(parallel) for r in rows_of(o)]
-    return [r for r in found if r["dtype"] == "float32" and r["normalization"] == "softmax" and r["reg"] == "js"]
+    return [r for r in found
+            if r["dtype"] == "float32" and r["normalization"] == "softmax" and r["reg"] == "js"]
 
 
 def write_csv(rows: list, path: Path):
@@ -405,19 +407,21 @@ def write_csv(rows: list, path: Path):
 
 
 def print_rows(rows: list):
-    print(f"{'direction':9} {'class':9} {'dtype':9} {'normalization':13} {'reg':4} {'SASS/el':>8} {'MUFU/el':>8} "
-          f"{'regs':>5} {'spills':>6} {'CTAs/SM':>7}")
+    print(f"{'direction':9} {'class':9} {'dtype':9} {'normalization':13} {'reg':4} {'SASS/el':>8} "
+          f"{'MUFU/el':>8} {'regs':>5} {'spills':>6} {'CTAs/SM':>7}")
     for r in rows:
         print(f"{r['direction']:9} {r['size_class']:9} {r['dtype']:9} {r['normalization']:13} {r['reg']:4} "
-              f"{r['sass_per_element']:8.2f} {r['mufu_per_element']:8.3f} {r['registers']:>5} {r['spills']:>6} "
-              f"{r['ctas_per_sm']:>7}")
+              f"{r['sass_per_element']:8.2f} {r['mufu_per_element']:8.3f} {r['registers']:>5} "
+              f"{r['spills']:>6} {r['ctas_per_sm']:>7}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--binary", type=Path, help="object or library to count (default: the built extension, "
-                        "else the production objects)")
-    parser.add_argument("--probes", action="store_true", help="also compile and count every other mode (slow)")
+    parser.add_argument("--binary", type=Path,
+                        help="object or library to count (default: the built extension, else the "
+                        "production objects)")
+    parser.add_argument("--probes", action="store_true",
+                        help="also compile and count every other mode (slow)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     parser.add_argument("--csv", type=Path, help="write the rows there")
     args = parser.parse_args(argv)
