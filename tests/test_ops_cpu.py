@@ -20,12 +20,21 @@ import pytest
 import torch
 
 from dsnt_cuda import _extension, reference
-from support import UPSTREAM, check_against_reference, make_case, reference_backward, run_ops
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"), reason="C++ extension not built")
+from support import (
+    UPSTREAM,
+    check_against_reference,
+    gradcheck_logits,
+    make_case,
+    reference_backward,
+    run_ops,
+)
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
+                                reason="C++ extension not built")
 
 if _extension.extension_loaded():
-    from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the ops)
+    from dsnt_cuda import ops
 
     FWD, BWD = torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
 
@@ -59,7 +68,8 @@ VARIANTS = [
 @pytest.mark.parametrize("norm", NORMS)
 def test_float64_matches_reference(norm, reg):
     for k, (shape, grid, loss, beta_kind, sigma_kind, mask, upstream) in enumerate(VARIANTS):
-        case = make_case(shape, norm, reg, dtype=torch.float64, seed=100 * k + 7 * NORMS.index(norm) + REGS.index(reg),
+        seed = 100 * k + 7 * NORMS.index(norm) + REGS.index(reg)
+        case = make_case(shape, norm, reg, dtype=torch.float64, seed=seed,
                          coord_loss=loss, normalized_coordinates=grid, beta_kind=beta_kind,
                          sigma_kind=sigma_kind, mask=mask, upstream=upstream)
         check(case, f"{shape} {loss} {beta_kind}/{sigma_kind} {upstream}")
@@ -78,7 +88,8 @@ def test_gradients_only_when_asked():
 
 def test_target_and_beta_gradient_dtypes_and_shapes():
     case = make_case((2, 3, 4, 4), "softmax", "kl", dtype=torch.bfloat16, coord_loss="l1", seed=4)
-    case = replace(case, target=case.target.half(), beta_map=torch.tensor([1.2, 0.7, 1.5], dtype=torch.float16))
+    case = replace(case, target=case.target.half(),
+                   beta_map=torch.tensor([1.2, 0.7, 1.5], dtype=torch.float16))
     outs, grads = run_ops(FWD, BWD, case)
     assert all(o.dtype == torch.float32 for o in outs)
     assert grads[0].dtype == torch.bfloat16 and grads[0].is_contiguous()
@@ -111,18 +122,6 @@ def test_low_precision_within_twice_reference_error(dtype, norm, reg):
 # ---------------------------------------------------------------------------------------------
 
 
-def gradcheck_logits(case):
-    """Logits where finite differences are smooth: away from relu / abs kinks; "none" maps well
-    above 0, where log p curves."""
-    z = case.logits
-    if case.normalization in ("abs", "relu"):
-        z = z + torch.where(z >= 0, 0.2, -0.2).double()
-    if case.normalization == "none":
-        g = torch.Generator().manual_seed(22)
-        z = (torch.rand(z.shape, generator=g, dtype=torch.float64) + 0.5) / math.prod(z.shape[2:])
-    return z
-
-
 @pytest.mark.parametrize("norm", NORMS)
 def test_gradcheck_logits_target_beta(norm):
     for reg, shape, grid, loss, beta_kind in [("js", (1, 2, 4, 5), True, "euclidean", "keypoint"),
@@ -131,10 +130,10 @@ def test_gradcheck_logits_target_beta(norm):
                                               ("none", (2, 2, 3, 4), True, "l1", "map")]:
         case = make_case(shape, norm, reg, dtype=torch.float64, coord_loss=loss, normalized_coordinates=grid,
                          beta_kind=beta_kind, sigma_kind="keypoint", mask=True, sigma_t=0.8, seed=21)
-        leaves = [gradcheck_logits(case).clone().requires_grad_(True), case.target.clone().requires_grad_(True),
-                  case.beta_map.clone().requires_grad_(True)]
+        leaves = [gradcheck_logits(case).clone().requires_grad_(True),
+                  case.target.clone().requires_grad_(True), case.beta_map.clone().requires_grad_(True)]
 
-        def f(x, t, b):
+        def f(x, t, b, case=case):
             outs = FWD(x, t, case.mask, b, case.sigma_t_map, *case.options())[:5]
             return tuple(o for o in outs if o.numel() > 0)
 
@@ -222,7 +221,8 @@ def test_stats_slots():
     for norm in ("relu", "none"):
         stats = FWD(case.logits.abs(), None, None, None, None, norm, 1.0, True, "none", 1.0, "none", 0.0)[5]
         assert (stats[..., 0] == 0).all() and (stats[..., 3] == 0).all()
-        torch.testing.assert_close(stats[..., 1 if norm == "relu" else 2], case.logits.abs().flatten(2).sum(-1))
+        torch.testing.assert_close(stats[..., 1 if norm == "relu" else 2],
+                                   case.logits.abs().flatten(2).sum(-1))
 
 
 def test_outputs_fully_written():
@@ -236,7 +236,8 @@ def test_outputs_fully_written():
         for norm in NORMS:
             for reg in REGS:
                 for dtype in (torch.float32, torch.bfloat16):
-                    case = make_case((3, 2, 5, 7), norm, reg, dtype=dtype, coord_loss="mse", beta_kind="map", seed=11)
+                    case = make_case((3, 2, 5, 7), norm, reg, dtype=dtype, coord_loss="mse", beta_kind="map",
+                                     seed=11)
                     outs, grads = run_ops(FWD, BWD, case)
                     for t in (*outs, *grads):
                         assert not t.isnan().any(), (norm, reg, dtype)
@@ -330,9 +331,9 @@ def test_bad_backward_input_raises():
     up = case.upstream
 
     def bwd(**changes):
-        args = dict(grad_coords=up["grad_coords"], grad_variance=None, grad_reg_losses=None, grad_coord_losses=None,
-                    grad_loss=up["grad_loss"], logits=case.logits, target=case.target, mask=None, beta_map=None,
-                    sigma_t_map=None, coords=coords, variance=variance, stats=stats)
+        args = dict(grad_coords=up["grad_coords"], grad_variance=None, grad_reg_losses=None,
+                    grad_coord_losses=None, grad_loss=up["grad_loss"], logits=case.logits, target=case.target,
+                    mask=None, beta_map=None, sigma_t_map=None, coords=coords, variance=variance, stats=stats)
         args.update(changes)
         return BWD(*args.values(), *case.options(), True, False)
 
@@ -344,8 +345,8 @@ def test_bad_backward_input_raises():
         with pytest.raises(ValueError, match=match):
             bwd(**changes)
     with pytest.raises(ValueError, match="coord_loss is 'none'"):
-        BWD(None, None, None, None, torch.ones(()), case.logits, case.target, None, None, None, coords, variance,
-            stats, "softmax", 1.0, True, "js", 1.0, "none", 1.0, False, False)
+        BWD(None, None, None, None, torch.ones(()), case.logits, case.target, None, None, None, coords,
+            variance, stats, "softmax", 1.0, True, "js", 1.0, "none", 1.0, False, False)
     # the gradients of the empty coord_losses / loss of coord_loss "none" (AOTAutograd passes
     # zeros of their shape) are no gradient
     empty = torch.zeros(0)
@@ -369,7 +370,8 @@ def test_cmake_library_loads_with_load_library():
         "import torch\n"
         f"torch.ops.load_library({lib!r})\n"
         "x = torch.zeros(1, 1, 3, 5); x[0, 0, 2, 4] = 50.0\n"
-        "c = torch.ops.dsnt_cuda.dsnt_fwd(x, None, None, None, None, 'softmax', 1.0, False, 'none', 1.0, 'none', 0.0)[0]\n"
+        "c = torch.ops.dsnt_cuda.dsnt_fwd(x, None, None, None, None, 'softmax', 1.0, False, 'none', 1.0,"
+        " 'none', 0.0)[0]\n"
         "assert torch.allclose(c, torch.tensor([[[4.0, 2.0]]]), atol=1e-6), c\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
