@@ -1,4 +1,5 @@
-"""Fixtures over the backends this process runs (tests/support.py finds them at run time)."""
+"""Fixtures over the backends this process runs (tests/support.py finds them at run time), and
+the CUDA kernels' forced size class."""
 
 import pytest
 
@@ -16,3 +17,17 @@ def cpu_backend(request):
 def backend_device(request):
     """(backend, device) of each backend this process runs, on each device it takes."""
     return request.param
+
+
+@pytest.fixture
+def size_class(monkeypatch):
+    """force(name): the CUDA host plans every launch in that size class (DSNT_CUDA_FORCE_CLASS;
+    None: the automatic one). Harmless where the CUDA kernels do not run."""
+
+    def force(name):
+        if name is None:
+            monkeypatch.delenv("DSNT_CUDA_FORCE_CLASS", raising=False)
+        else:
+            monkeypatch.setenv("DSNT_CUDA_FORCE_CLASS", name)
+
+    return force

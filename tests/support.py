@@ -9,6 +9,9 @@ tolerance rule.
   dtype it is the plain-PyTorch baseline of the tolerance rule.
 - `run_ops(fwd, bwd, case)` calls any backend's op pair (C++ ops, Triton launchers, the CUDA
   emulation) with the same arguments.
+- `gradcheck_logits(case)`: float64 logits where finite differences are smooth;
+- `CUDA_SIZE_CLASSES`, `CUDA_CLASS_SHAPE`: the CUDA kernels' size classes and a map for each
+  (tests/conftest.py's `size_class` fixture forces one);
 - `assert_close(actual, exact, baseline, what)`: NaN exactly where the truth has NaN, and an
   error against the truth at most twice the baseline's error plus a floor of a few ulps of the
   output's dtype (flash-attention's rule). Errors are measured relative to max(1, |truth|) per
@@ -28,6 +31,7 @@ For the tests of the public API (every backend through the same functions):
   `assert_all_close` (map-shaped gradients with the per-map floor).
 """
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -251,15 +255,20 @@ def assert_close(actual, exact, baseline, what: str, floor_dtype=None, map_dims:
         f"{what}: error {err.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g}")
 
 
-def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
+def check_against_reference(fwd, bwd, case: OpCase, what: str = "", needs_target_grad=True,
+                            needs_beta_grad=True):
     """Run a backend's op pair on `case` and compare every output and gradient with the reference
-    (float64 truth; the case's dtype as the baseline)."""
-    outs, grads = run_ops(fwd, bwd, case)
+    (float64 truth; the case's dtype as the baseline). A gradient not asked for
+    (`needs_*_grad` false) must be zeros."""
+    outs, grads = run_ops(fwd, bwd, case, needs_target_grad, needs_beta_grad)
     exact_f = reference_forward(case)
     exact_b = reference_backward(case)
     low = case.logits.dtype != torch.float64
     base_f = reference_forward(case, None) if low else (None,) * 5
     base_b = reference_backward(case, None) if low else (None,) * 3
+    not_asked = (False, not needs_target_grad, not needs_beta_grad)
+    exact_b = tuple(torch.zeros_like(e) if zero else e for e, zero in zip(exact_b, not_asked))
+    base_b = tuple(None if zero else b for b, zero in zip(base_b, not_asked))
     acc = reference.accumulation_dtype(case.logits.dtype)
     for name, a, e, b in zip(FWD_OUTPUTS, outs, exact_f, base_f):
         assert_close(a, e, b, f"{what} {name}", floor_dtype=acc)
@@ -267,6 +276,28 @@ def check_against_reference(fwd, bwd, case: OpCase, what: str = ""):
     for name, a, e, b in zip(BWD_OUTPUTS, grads, exact_b, base_b):
         assert_close(a, e, b, f"{what} {name}", floor_dtype=acc, map_dims=map_dims.get(name, 0))
     return outs, grads
+
+
+def gradcheck_logits(case: OpCase) -> torch.Tensor:
+    """The case's float64 logits moved where finite differences are smooth: away from the relu /
+    abs kinks; for "none", maps well above 0, where log p curves."""
+    z = case.logits
+    if case.normalization in ("abs", "relu"):
+        z = z + torch.where(z >= 0, 0.2, -0.2).to(z)
+    if case.normalization == "none":
+        g = generator(22)
+        z = (torch.rand(z.shape, generator=g, dtype=torch.float64) + 0.5) / math.prod(z.shape[2:])
+        z = z.to(case.logits.device)
+    return z
+
+
+# The size classes of the CUDA kernels (docs/performance.md §5), forced by DSNT_CUDA_FORCE_CLASS
+# (the `size_class` fixture of conftest.py), and a float32 map each class can hold (the automatic
+# class for the first two; the cluster class splits it over several CTAs, the streamed class
+# over several tiles).
+CUDA_SIZE_CLASSES = ("warp", "block", "cluster", "streamed")
+CUDA_CLASS_SHAPE = {"warp": (2, 9, 16, 16), "block": (1, 3, 40, 41), "cluster": (1, 2, 70, 70),
+                    "streamed": (1, 2, 70, 70)}
 
 
 # --------------------------------------------------------------------------------------------

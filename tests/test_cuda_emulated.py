@@ -10,7 +10,8 @@ gradient), None upstream gradients, the uniform fallback, NaN and -inf maps, str
 poisoned shared memory and several blocks (a cluster's together) at once. A subset also runs
 under ThreadSanitizer and AddressSanitizer + UBSan (tests/test_cuda_emulated_sanitized.py). This
 checks logic, indexing and synchronization; it cannot see what only a GPU shows (memory model,
-timing, fast math): tests/test_ops_cuda.py does that on a GPU. Needs a C++ compiler and ninja; skips otherwise.
+timing, fast math): tests/test_ops_cuda.py does that on a GPU. Needs a C++ compiler and ninja;
+skips otherwise.
 
 The op contract (docs/ops.md) enters only through tests/support.py's run_ops / make_case.
 """
@@ -26,7 +27,6 @@ import pytest
 import torch
 
 import support
-from map_inputs import peaked_logits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))
@@ -43,27 +43,12 @@ def emu():
     return emulate.load_ops(library)
 
 
-@pytest.fixture
-def size_class(monkeypatch):
-    """force(name): the host plans every launch in that size class (None: the automatic one)."""
-
-    def force(name):
-        if name is None:
-            monkeypatch.delenv("DSNT_CUDA_FORCE_CLASS", raising=False)
-        else:
-            monkeypatch.setenv("DSNT_CUDA_FORCE_CLASS", name)
-
-    return force
-
-
 def check(emu, case, what=""):
     return support.check_against_reference(emu.dsnt_fwd, emu.dsnt_bwd, case, what)
 
 
-CLASSES = ["warp", "block", "cluster", "streamed"]
-# A shape each class can hold (the automatic choice for the first two); the cluster class splits
-# it over several CTAs, the streamed class over several tiles.
-CLASS_SHAPE = {"warp": (2, 9, 16, 16), "block": (1, 3, 40, 41), "cluster": (1, 2, 70, 70), "streamed": (1, 2, 70, 70)}
+CLASSES = support.CUDA_SIZE_CLASSES
+CLASS_SHAPE = support.CUDA_CLASS_SHAPE
 NORMALIZATIONS = ["softmax", "relu", "sigmoid", "abs", "none"]
 REGULARIZERS = ["js", "kl", "var", "none"]
 
@@ -77,7 +62,8 @@ def classes():
 def test_every_normalization_and_regularizer(emu, normalization, reg):
     # sigma_t 4 px: a var regularizer on a 16-px map far from sigma_t is ill-conditioned in any
     # float32 code (nu (u - ubar)^2 and nu Var in the thousands, their difference in the tens).
-    case = support.make_case((2, 3, 16, 16), normalization, reg, coord_loss="euclidean", mask=True, sigma_t=4.0)
+    case = support.make_case((2, 3, 16, 16), normalization, reg, coord_loss="euclidean", mask=True,
+                             sigma_t=4.0)
     check(emu, case, f"{normalization}-{reg}")
 
 
@@ -88,11 +74,13 @@ STANDARD = [("softmax", "js"), ("relu", "kl"), ("sigmoid", "var"), ("none", "kl"
 @pytest.mark.parametrize("cls", classes())
 def test_size_classes(emu, size_class, cls, normalization, reg):
     size_class(cls)
-    case = support.make_case(CLASS_SHAPE[cls], normalization, reg, coord_loss="euclidean", mask=True, sigma_t=4.0)
+    case = support.make_case(CLASS_SHAPE[cls], normalization, reg, coord_loss="euclidean", mask=True,
+                             sigma_t=4.0)
     check(emu, case, cls)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 37), (1, 1, 9001), (1, 2, 6, 7, 8), (1, 2, 16, 16, 16), (1, 1, 3, 300)],
+@pytest.mark.parametrize("shape",
+                         [(2, 3, 37), (1, 1, 9001), (1, 2, 6, 7, 8), (1, 2, 16, 16, 16), (1, 1, 3, 300)],
                          ids=str)
 @pytest.mark.parametrize("cls", [None, "cluster", "streamed"], ids=["auto", "cluster", "streamed"])
 def test_1d_and_3d_maps(emu, size_class, shape, cls):
@@ -116,7 +104,8 @@ def test_dtypes(emu, size_class, cls, dtype):
 def test_pixel_grid(emu, size_class, cls):
     size_class(cls)
     for normalization, reg in (("softmax", "kl"), ("none", "js")):
-        check(emu, support.make_case(CLASS_SHAPE[cls], normalization, reg, normalized_coordinates=False), "pixel")
+        case = support.make_case(CLASS_SHAPE[cls], normalization, reg, normalized_coordinates=False)
+        check(emu, case, "pixel")
 
 
 @pytest.mark.parametrize("kind", ["scalar", "keypoint", "map"])
@@ -132,7 +121,8 @@ def test_per_map_beta_and_sigma(emu, size_class, cls, kind):
 @pytest.mark.parametrize("mask", [False, True])
 def test_loss_epilogue(emu, coord_loss, mask):
     # 18 maps over 3 CTAs of the warp class: the last CTA to finish reduces the loss
-    case = support.make_case((2, 9, 16, 16), "softmax", "js", coord_loss=coord_loss, mask=mask, reg_weight=0.3)
+    case = support.make_case((2, 9, 16, 16), "softmax", "js", coord_loss=coord_loss, mask=mask,
+                             reg_weight=0.3)
     outs, _ = check(emu, case, coord_loss)
     assert outs[4].shape == () and outs[3].shape == (2, 9)
 
@@ -152,8 +142,8 @@ UPSTREAM_SUBSETS = {"coords": ("grad_coords",), "variance": ("grad_variance",), 
 @pytest.mark.parametrize("cls", classes())
 def test_none_upstream_gradients(emu, size_class, cls, subset):
     size_class(cls)
-    case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", coord_loss="euclidean", mask=True, sigma_t=4.0,
-                             upstream=UPSTREAM_SUBSETS[subset])
+    case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", coord_loss="euclidean", mask=True,
+                             sigma_t=4.0, upstream=UPSTREAM_SUBSETS[subset])
     check(emu, case, subset)
 
 
@@ -161,7 +151,8 @@ def test_none_upstream_gradients(emu, size_class, cls, subset):
 def test_gradients_not_wanted(emu, size_class, cls):
     size_class(cls)
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "kl", beta_kind="map", coord_loss="euclidean")
-    _, grads = support.run_ops(emu.dsnt_fwd, emu.dsnt_bwd, case, needs_target_grad=False, needs_beta_grad=False)
+    _, grads = support.run_ops(emu.dsnt_fwd, emu.dsnt_bwd, case, needs_target_grad=False,
+                               needs_beta_grad=False)
     assert (grads[1] == 0).all() and (grads[2] == 0).all()
     exact = support.reference_backward(case)
     support.assert_close(grads[0], exact[0], support.reference_backward(case, None)[0], "grad_logits")
@@ -246,7 +237,8 @@ def test_kl_with_the_target_outside_the_map(emu):
 def test_variance_of_a_peak_at_the_edge_of_a_long_axis(emu, shape, peak):
     # Forward only: the backward rebuilds the mean from the saved float32 coordinate, one ulp of
     # which is 1.2e-4 px near the edge of an 8192-px axis (every backend alike).
-    case = replace(support.make_case(shape, "softmax", "var"), logits=peaked_logits(shape, peak, width=0.8))
+    case = replace(support.make_case(shape, "softmax", "var"),
+                   logits=support.peaked_logits(shape, peak, width=0.8))
     outs = emu.dsnt_fwd(*case.fwd_args())
     exact, base = support.reference_forward(case), support.reference_forward(case, None)
     for name, a, e, b in zip(support.FWD_OUTPUTS[:3], outs, exact, base):

@@ -21,7 +21,14 @@ import torch
 
 from dsnt_cuda import _extension, reference
 
-from support import UPSTREAM, check_against_reference, make_case, reference_backward, run_ops
+from support import (
+    UPSTREAM,
+    check_against_reference,
+    gradcheck_logits,
+    make_case,
+    reference_backward,
+    run_ops,
+)
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
                                 reason="C++ extension not built")
@@ -115,18 +122,6 @@ def test_low_precision_within_twice_reference_error(dtype, norm, reg):
 # ---------------------------------------------------------------------------------------------
 
 
-def gradcheck_logits(case):
-    """Logits where finite differences are smooth: away from relu / abs kinks; "none" maps well
-    above 0, where log p curves."""
-    z = case.logits
-    if case.normalization in ("abs", "relu"):
-        z = z + torch.where(z >= 0, 0.2, -0.2).double()
-    if case.normalization == "none":
-        g = torch.Generator().manual_seed(22)
-        z = (torch.rand(z.shape, generator=g, dtype=torch.float64) + 0.5) / math.prod(z.shape[2:])
-    return z
-
-
 @pytest.mark.parametrize("norm", NORMS)
 def test_gradcheck_logits_target_beta(norm):
     for reg, shape, grid, loss, beta_kind in [("js", (1, 2, 4, 5), True, "euclidean", "keypoint"),
@@ -136,8 +131,7 @@ def test_gradcheck_logits_target_beta(norm):
         case = make_case(shape, norm, reg, dtype=torch.float64, coord_loss=loss, normalized_coordinates=grid,
                          beta_kind=beta_kind, sigma_kind="keypoint", mask=True, sigma_t=0.8, seed=21)
         leaves = [gradcheck_logits(case).clone().requires_grad_(True),
-                  case.target.clone().requires_grad_(True),
-                  case.beta_map.clone().requires_grad_(True)]
+                  case.target.clone().requires_grad_(True), case.beta_map.clone().requires_grad_(True)]
 
         def f(x, t, b, case=case):
             outs = FWD(x, t, case.mask, b, case.sigma_t_map, *case.options())[:5]
@@ -227,8 +221,8 @@ def test_stats_slots():
     for norm in ("relu", "none"):
         stats = FWD(case.logits.abs(), None, None, None, None, norm, 1.0, True, "none", 1.0, "none", 0.0)[5]
         assert (stats[..., 0] == 0).all() and (stats[..., 3] == 0).all()
-        mass = stats[..., 1 if norm == "relu" else 2]
-        torch.testing.assert_close(mass, case.logits.abs().flatten(2).sum(-1))
+        torch.testing.assert_close(stats[..., 1 if norm == "relu" else 2],
+                                   case.logits.abs().flatten(2).sum(-1))
 
 
 def test_outputs_fully_written():
@@ -352,8 +346,7 @@ def test_bad_backward_input_raises():
             bwd(**changes)
     with pytest.raises(ValueError, match="coord_loss is 'none'"):
         BWD(None, None, None, None, torch.ones(()), case.logits, case.target, None, None, None, coords,
-            variance,
-            stats, "softmax", 1.0, True, "js", 1.0, "none", 1.0, False, False)
+            variance, stats, "softmax", 1.0, True, "js", 1.0, "none", 1.0, False, False)
     # the gradients of the empty coord_losses / loss of coord_loss "none" (AOTAutograd passes
     # zeros of their shape) are no gradient
     empty = torch.zeros(0)

@@ -14,11 +14,22 @@ import pytest
 import torch
 
 from dsnt_cuda import _extension, reference
-from map_inputs import peaked_logits
-from support import (FWD_OUTPUTS, UPSTREAM, assert_close, check_against_reference, make_case, max_error,
-                     reference_backward, reference_forward, run_ops)
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"), reason="C++ extension not built")
+from support import (
+    FWD_OUTPUTS,
+    UPSTREAM,
+    assert_close,
+    check_against_reference,
+    make_case,
+    max_error,
+    peaked_logits,
+    reference_backward,
+    reference_forward,
+    run_ops,
+)
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
+                                reason="C++ extension not built")
 
 if _extension.extension_loaded():
     from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the ops)
@@ -74,7 +85,8 @@ def test_special_beta_gradient_with_minus_inf_logits():
     _, grads = run_ops(FWD, BWD, replace(case, logits=z))
     finite = z.clone()
     finite[0, 1, :2] = -1e4
-    torch.testing.assert_close(grads[2], reference_backward(replace(case, logits=finite))[2], rtol=1e-12, atol=1e-12)
+    expected = reference_backward(replace(case, logits=finite))[2]
+    torch.testing.assert_close(grads[2], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -91,7 +103,8 @@ def test_special_zero_sum_rectified_maps_are_uniform(dtype):
 def test_special_huge_and_infinite_logits():
     for reg in REGS:
         for norm in ("softmax", "abs", "sigmoid", "relu"):
-            case = make_case((2, 2, 5, 6), norm, reg, dtype=torch.float32, coord_loss="euclidean", beta=1.3, seed=52)
+            case = make_case((2, 2, 5, 6), norm, reg, dtype=torch.float32, coord_loss="euclidean", beta=1.3,
+                             seed=52)
             z = case.logits.clone()
             z[0, 0] *= 1e30
             z[1, 1, 2, 3] = 1e30
@@ -102,7 +115,8 @@ def test_special_huge_and_infinite_logits():
             check(replace(case, logits=z), f"inf {norm} {reg}")
 
 
-@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 5.6e-309)], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 5.6e-309)],
+                         ids=["f32", "f64"])
 def test_special_rectified_sum_below_the_reciprocal_of_the_largest_float(dtype, tiny):
     """relu / abs maps whose only positive value is subnormal: 1 / denom overflows. The map is a
     delta at pixel 2 of 4 (normalized 0.25, variance 0); it was inf / NaN."""
@@ -110,7 +124,8 @@ def test_special_rectified_sum_below_the_reciprocal_of_the_largest_float(dtype, 
         z = torch.tensor([[[-1.0, -1.0, tiny, -1.0]]], dtype=dtype)
         if norm == "abs":
             z = z.clamp(min=0)
-        coords, variance, reg, _, _, stats = FWD(z, None, None, None, None, norm, 1.0, True, "var", 1.0, "none", 0.0)
+        coords, variance, reg, _, _, stats = FWD(z, None, None, None, None, norm, 1.0, True, "var", 1.0,
+                                                 "none", 0.0)
         assert coords.item() == 0.25 and variance.item() == 0 and reg.item() == 1.0, (norm, coords, variance)
         assert stats[0, 0, 1] == z.clamp(min=0).sum()
         # every forward output against the reference (the backward's 1 / denom is out of range
@@ -141,7 +156,8 @@ def test_precision_peaked_map_on_a_long_axis(peak):
 @pytest.mark.parametrize("reg", ["js", "kl"])
 def test_precision_target_far_outside_the_map(reg):
     for k, mu in enumerate((3.0, -5.0, 20.0, 1e3)):
-        case = make_case((2, 2, 16, 16), "softmax", reg, dtype=torch.float32, coord_loss="euclidean", seed=60 + k)
+        case = make_case((2, 2, 16, 16), "softmax", reg, dtype=torch.float32, coord_loss="euclidean",
+                         seed=60 + k)
         check(replace(case, target=torch.full((2, 2, 2), mu, dtype=torch.float64)), str(mu))
 
 
@@ -153,8 +169,8 @@ def test_precision_none_heatmaps_with_a_large_mass(grid):
     g = torch.Generator().manual_seed(3)
     z = (torch.rand(2, 3, 64, 48, generator=g, dtype=torch.float64) * 1.76).float()
     for reg, upstream in (("none", ("grad_coords", "grad_variance")), ("var", ("grad_reg_losses",))):
-        case = replace(make_case((2, 3, 64, 48), "none", reg, dtype=torch.float32, normalized_coordinates=grid,
-                                 upstream=upstream, seed=4), logits=z)
+        case = replace(make_case((2, 3, 64, 48), "none", reg, dtype=torch.float32,
+                                 normalized_coordinates=grid, upstream=upstream, seed=4), logits=z)
         outs, grads = run_ops(FWD, BWD, case)
         exact_f, base_f = reference_forward(case), reference_forward(case, None)
         exact_b, base_b = reference_backward(case), reference_backward(case, None)
