@@ -18,6 +18,7 @@ CPU kernels (same contract), on fewer parameters, so a GPU machine never runs th
 the forced size class is then a no-op, and what needs two devices or the CUDA allocator skips.
 """
 
+import ctypes
 import json
 import os
 from dataclasses import replace
@@ -99,12 +100,19 @@ BOUNDARIES = [
 
 
 def test_boundary_maps_straddle_the_class_boundaries():
-    """The launch planner puts the maps of BOUNDARIES where this file assumes."""
-    if not BUILD.get("with_cuda") or not hasattr(_extension._C, "cuda_launch_plan"):
+    """The launch planner puts the maps of BOUNDARIES where this file assumes (its C entry in the
+    built library, dsnt_cuda_launch_plan_json, as make cuda-report asks it)."""
+    if not BUILD.get("with_cuda"):
         pytest.skip("CPU-only build of dsnt_cuda._C")
+    planner = ctypes.CDLL(_extension._C.__file__).dsnt_cuda_launch_plan_json
+    planner.restype = ctypes.c_char_p
+    no_registers = (ctypes.c_int * 6)()  # the planner's model assumes 64 a kernel
     for (below, above), cls_below, cls_above in BOUNDARIES:
         for spatial, cls in ((below, cls_below), (above, cls_above)):
-            plan = json.loads(_extension._C.cuda_launch_plan(2, 3, list(spatial), 4, False, {}))
+            sizes = (ctypes.c_int64 * 3)(*spatial)
+            text = planner(ctypes.c_int64(2), ctypes.c_int64(3), len(spatial), sizes, 4, 0, no_registers,
+                           132, 16)
+            plan = json.loads(text.decode())
             assert plan["class"] == cls, (spatial, plan)
 
 

@@ -4,9 +4,9 @@ The sources are compiled as they are, with `-x c++ -DDSNT_CUDA_EMULATION`: csrc/
 then includes shim.h and launches on the emulator, and csrc/cuda/torch_launch.cuh makes the ops
 take CPU tensors, register for the CPU key and fill outputs with NaN. Two kinds of target:
   - "ops-*": the sources of csrc/cuda/ (KERNEL_SOURCES) + csrc/dsnt_ops.cpp as a shared library
-    registering the ops of docs/ops.md as torch.ops.dsnt_emu (`-Ddsnt_cuda=dsnt_emu`, so it cannot clash with the
-    real extension); load it with load_ops(). Only the kernels are sanitized: dsnt_ops.cpp (input
-    checks) is compiled once, plain, for all of them.
+    registering the ops of docs/ops.md as torch.ops.dsnt_emu (`-Ddsnt_cuda=dsnt_emu`, so it
+    cannot clash with the real extension); load it with load_ops(). Only the kernels are
+    sanitized: dsnt_ops.cpp (input checks) is compiled once, plain, for all of them.
   - "selftest-*": tests/cuda_emulation/selftest.cu, a program testing the emulator itself.
 One ninja file holds every target (cached, incremental, at most 2 compile jobs); build() builds
 those asked for. A sanitized target runs only with its runtime preloaded: sanitizer_env().
@@ -39,7 +39,8 @@ OPS_TARGETS = {
 }
 # Every CUDA source but build_info.cu, which reads the CUDA runtime's version macros.
 CUDA = ROOT / "csrc" / "cuda"
-KERNEL_SOURCES = sorted(p for p in [*CUDA.glob("*.cu"), *(CUDA / "instances").glob("*.cu")] if p.name != "build_info.cu")
+KERNEL_SOURCES = sorted(p for p in [*CUDA.glob("*.cu"), *(CUDA / "instances").glob("*.cu")]
+                        if p.name != "build_info.cu")
 SELFTEST_TARGETS = [f"selftest-{s}" for s in SANITIZE]
 
 
@@ -52,7 +53,7 @@ def _torch_flags():
     includes = [f"-isystem {include}", f"-isystem {include / 'torch' / 'csrc' / 'api' / 'include'}"]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     lib = top / "lib"
-    return " ".join(includes + [abi]), f"-L{lib} -Wl,-rpath,{lib} -lc10 -ltorch_cpu"
+    return " ".join([*includes, abi]), f"-L{lib} -Wl,-rpath,{lib} -lc10 -ltorch_cpu"
 
 
 def _output(target: str) -> Path:
