@@ -277,8 +277,8 @@ DSNT_HD V js_grad_p(V p, V l2p, V q, V l2q, bool exact) {
   const auto tiny = A::min(p, m) < A::splat(Precision<T>::kTiny);
   if (!A::any(tiny)) return fast;
   // log2(p+eps) - log2(m+eps) + (p/(p+eps) - m/(m+eps)) / ln2
-  const V exact_value = A::log2(p + eps) - A::log2(m + eps) +
-                        (p / (p + eps) - m / (m + eps)) * A::splat(T(kLog2e));
+  const V exact_value =
+      A::log2(p + eps) - A::log2(m + eps) + (p / (p + eps) - m / (m + eps)) * A::splat(T(kLog2e));
   return A::select(tiny, exact_value, fast);
 }
 
@@ -346,9 +346,9 @@ struct TargetAxisSums {
 // What a map's kernels need of the target, from the per-axis sums.
 template <typename T>
 struct TargetNorm {
-  T log2_norm;      // lambda / ln 2 = log2(prod G_k + eps)
-  T scale;          // 2^(sum off_k - lambda2): q_i = prod_k g~_k(i_k) * scale
-  T one_minus_rho;  // eps / (prod G + eps)
+  T log2_norm;                // lambda / ln 2 = log2(prod G_k + eps)
+  T scale;                    // 2^(sum off_k - lambda2): q_i = prod_k g~_k(i_k) * scale
+  T one_minus_rho;            // eps / (prod G + eps)
   T ubar_g[kMaxSpatialDims];  // the target factor's own mean per axis (centred pixels)
 };
 

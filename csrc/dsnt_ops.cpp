@@ -53,7 +53,9 @@ bool is_supported_float(at::ScalarType t) {
 
 // The narrowest target whose 1 / sigma_t^2 (times a map size) stays finite in the accumulation
 // type (docs/ops.md): 2^-40 px for float32, 2^-400 px for float64.
-double min_sigma_t(at::ScalarType acc) { return acc == at::kDouble ? std::ldexp(1.0, -400) : std::ldexp(1.0, -40); }
+double min_sigma_t(at::ScalarType acc) {
+  return acc == at::kDouble ? std::ldexp(1.0, -400) : std::ldexp(1.0, -40);
+}
 
 double max_beta(at::ScalarType acc) {
   return acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
@@ -65,17 +67,17 @@ void check_same_device(const at::Tensor& t, const char* what, const at::Tensor& 
 }
 
 // A (B, L[, last]) per-keypoint tensor that travels with the maps.
-void check_per_keypoint(const at::Tensor& t, const char* what, const MapGeometry& g,
-                        const at::Tensor& logits, int64_t last) {
-  const bool shape_ok = last < 0 ? (t.dim() == 2 && t.size(0) == g.batch && t.size(1) == g.keypoints)
-                                 : (t.dim() == 3 && t.size(0) == g.batch && t.size(1) == g.keypoints &&
-                                    t.size(2) == last);
+void check_per_keypoint(const at::Tensor& t, const char* what, const MapGeometry& g, const at::Tensor& logits,
+                        int64_t last) {
+  const bool shape_ok =
+      last < 0 ? (t.dim() == 2 && t.size(0) == g.batch && t.size(1) == g.keypoints)
+               : (t.dim() == 3 && t.size(0) == g.batch && t.size(1) == g.keypoints && t.size(2) == last);
   if (last < 0) {
     TORCH_CHECK_VALUE(shape_ok, "dsnt_cuda: ", what, " must have shape (", g.batch, ", ", g.keypoints,
                       ") to match logits of shape ", logits.sizes(), ", got ", t.sizes());
   } else {
-    TORCH_CHECK_VALUE(shape_ok, "dsnt_cuda: ", what, " must have shape (", g.batch, ", ", g.keypoints,
-                      ", ", last, ") to match logits of shape ", logits.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(shape_ok, "dsnt_cuda: ", what, " must have shape (", g.batch, ", ", g.keypoints, ", ",
+                      last, ") to match logits of shape ", logits.sizes(), ", got ", t.sizes());
   }
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "dsnt_cuda: ", what,
                     " must be a floating-point tensor, got ", t.scalar_type());
@@ -90,8 +92,8 @@ void check_per_map(const std::optional<at::Tensor>& t, const char* what, const M
                     " must be a floating-point tensor, got ", t->scalar_type());
   check_same_device(*t, what, logits);
   TORCH_CHECK_VALUE(t->dim() <= 2 && at::is_expandable_to(t->sizes(), {g.batch, g.keypoints}),
-                    "dsnt_cuda: ", what, " must be broadcastable to (B, L) = (", g.batch, ", ",
-                    g.keypoints, "), got shape ", t->sizes());
+                    "dsnt_cuda: ", what, " must be broadcastable to (B, L) = (", g.batch, ", ", g.keypoints,
+                    "), got shape ", t->sizes());
 }
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -127,8 +129,7 @@ at::ScalarType accumulation_type(const at::Tensor& logits) {
 MapGeometry check_forward_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& target,
                                  const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& beta_map,
-                                 const std::optional<at::Tensor>& sigma_t_map,
-                                 const OpOptions& o) {
+                                 const std::optional<at::Tensor>& sigma_t_map, const OpOptions& o) {
   TORCH_CHECK_VALUE(logits.defined(), "dsnt_cuda: logits is an undefined tensor");
   TORCH_CHECK_VALUE(logits.dim() >= 3 && logits.dim() <= 2 + kMaxSpatialDims,
                     "dsnt_cuda: logits must have shape (B, L, S_1..S_n) with 1 to 3 spatial dims, got a ",
@@ -175,7 +176,8 @@ MapGeometry check_forward_inputs(const at::Tensor& logits, const std::optional<a
   }
   if (has(mask)) {
     TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == g.batch && mask->size(1) == g.keypoints,
-                      "dsnt_cuda: mask must have shape (", g.batch, ", ", g.keypoints, "), got ", mask->sizes());
+                      "dsnt_cuda: mask must have shape (", g.batch, ", ", g.keypoints, "), got ",
+                      mask->sizes());
     TORCH_CHECK_VALUE(at::isFloatingType(mask->scalar_type()) || mask->scalar_type() == at::kBool,
                       "dsnt_cuda: mask must be a floating-point or bool tensor, got ", mask->scalar_type());
     check_same_device(*mask, "mask", logits);
@@ -239,7 +241,8 @@ void check_view_values(const at::Tensor& view, const char* what, const char* rul
 }
 
 template <typename T>
-void check_per_map_values_as(const at::Tensor& beta_view, const at::Tensor& sigma_t_view, at::ScalarType acc) {
+void check_per_map_values_as(const at::Tensor& beta_view, const at::Tensor& sigma_t_view,
+                             at::ScalarType acc) {
   if (beta_view.defined()) {
     const double hi = max_beta(acc);
     check_view_values<T>(beta_view, "beta_map", "finite, > 0 and representable in the accumulation dtype",

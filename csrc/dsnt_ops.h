@@ -32,8 +32,7 @@ struct OpOptions {
 };
 
 OpOptions parse_options(c10::string_view normalization, double beta, bool normalized_coordinates,
-                        c10::string_view reg, double sigma_t, c10::string_view coord_loss,
-                        double reg_weight);
+                        c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight);
 
 // A validated (B, L, S_1..S_n) logits tensor seen as `maps` maps of `map_size` elements.
 struct MapGeometry {
@@ -51,8 +50,7 @@ struct MapGeometry {
 MapGeometry check_forward_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& target,
                                  const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& beta_map,
-                                 const std::optional<at::Tensor>& sigma_t_map,
-                                 const OpOptions& options);
+                                 const std::optional<at::Tensor>& sigma_t_map, const OpOptions& options);
 
 // The extra checks of dsnt_bwd: the optional upstream gradients and the saved forward outputs.
 void check_backward_inputs(const MapGeometry& geometry, const at::Tensor& logits,
@@ -61,8 +59,7 @@ void check_backward_inputs(const MapGeometry& geometry, const at::Tensor& logits
                            const std::optional<at::Tensor>& grad_reg_losses,
                            const std::optional<at::Tensor>& grad_coord_losses,
                            const std::optional<at::Tensor>& grad_loss, const at::Tensor& coords,
-                           const at::Tensor& variance, const at::Tensor& stats,
-                           const OpOptions& options);
+                           const at::Tensor& variance, const at::Tensor& stats, const OpOptions& options);
 
 // float64 for float64 logits, float32 otherwise.
 at::ScalarType accumulation_type(const at::Tensor& logits);

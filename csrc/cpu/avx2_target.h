@@ -29,4 +29,3 @@
 #endif
 #define CPU_CAPABILITY_AVX2 1
 #endif
-

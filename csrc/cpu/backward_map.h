@@ -232,9 +232,8 @@ void backward_map(const T* z, const MapInputs<T>& in, const OpOptions& o, bool r
   T residual[kMaxSpatialDims] = {0, 0, 0};
   const bool with_residual = needs_mean_residuals(up, nm, out.stats, out.upstream.variance, dims);
   if (with_residual) {
-    with_prob(nm, [&](const auto& prob) DSNT_INLINE_LAMBDA {
-      mean_residuals(z, prob, ws, out.stats + kStatMean, residual);
-    });
+    with_prob(nm, [&](const auto& prob)
+                      DSNT_INLINE_LAMBDA { mean_residuals(z, prob, ws, out.stats + kStatMean, residual); });
   }
   gradient_tables(up, nm, out.stats, out.upstream.coords, out.upstream.variance,
                   with_residual ? residual : nullptr, div ? up.omega * out.stats[kStatDivGrad] : T(0),
@@ -250,11 +249,11 @@ void backward_map(const T* z, const MapInputs<T>& in, const OpOptions& o, bool r
     if (!div) {
       backward_pass<DivTerm::None>(z, prob, ws, T(0), false, beta_grad, nm.shift, out.grad_logits, sums);
     } else if (o.reg == Regularizer::JS) {
-      backward_pass<DivTerm::JS>(z, prob, ws, omega_scaled, target_grad, beta_grad, nm.shift,
-                                 out.grad_logits, sums);
+      backward_pass<DivTerm::JS>(z, prob, ws, omega_scaled, target_grad, beta_grad, nm.shift, out.grad_logits,
+                                 sums);
     } else {
-      backward_pass<DivTerm::KL>(z, prob, ws, omega_scaled, target_grad, beta_grad, nm.shift,
-                                 out.grad_logits, sums);
+      backward_pass<DivTerm::KL>(z, prob, ws, omega_scaled, target_grad, beta_grad, nm.shift, out.grad_logits,
+                                 sums);
     }
   });
   if (target_grad) {

@@ -151,13 +151,13 @@ ForwardResult dsnt_fwd_cpu(const at::Tensor& logits, const std::optional<at::Ten
   if (with_loss) {
     const at::Tensor weights = optional_as(mask, acc);
     if (acc == at::kDouble) {
-      *loss.mutable_data_ptr<double>() =
-          cpu::average_loss(coord_losses.const_data_ptr<double>(), reg_losses.const_data_ptr<double>(),
-                            weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps, reg_weight);
+      *loss.mutable_data_ptr<double>() = cpu::average_loss(
+          coord_losses.const_data_ptr<double>(), reg_losses.const_data_ptr<double>(),
+          weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps, reg_weight);
     } else {
-      *loss.mutable_data_ptr<float>() =
-          cpu::average_loss(coord_losses.const_data_ptr<float>(), reg_losses.const_data_ptr<float>(),
-                            weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps, reg_weight);
+      *loss.mutable_data_ptr<float>() = cpu::average_loss(
+          coord_losses.const_data_ptr<float>(), reg_losses.const_data_ptr<float>(),
+          weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps, reg_weight);
     }
   }
   return {coords, variance, reg_losses, coord_losses, loss, stats};
@@ -171,10 +171,10 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                             const std::optional<at::Tensor>& beta_map,
                             const std::optional<at::Tensor>& sigma_t_map, const at::Tensor& coords,
-                            const at::Tensor& variance, const at::Tensor& stats, c10::string_view normalization,
-                            double beta, bool normalized_coordinates, c10::string_view reg, double sigma_t,
-                            c10::string_view coord_loss, double reg_weight, bool needs_target_grad,
-                            bool needs_beta_grad) {
+                            const at::Tensor& variance, const at::Tensor& stats,
+                            c10::string_view normalization, double beta, bool normalized_coordinates,
+                            c10::string_view reg, double sigma_t, c10::string_view coord_loss,
+                            double reg_weight, bool needs_target_grad, bool needs_beta_grad) {
   using cpu::has;
   const OpOptions o =
       parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
@@ -215,9 +215,10 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
     args.grad_coord_losses = cpu::data_or_null(gcl);
     args.mask = cpu::data_or_null(weights);
     if (gl.defined()) {
-      args.loss_scale = acc == at::kDouble
-                            ? cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps)
-                            : cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps);
+      args.loss_scale =
+          acc == at::kDouble
+              ? cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps)
+              : cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps);
     }
     args.reg_path = reg_path;
     args.needs_target_grad = target_grad;
@@ -228,7 +229,8 @@ BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
     args.grad_target = grad_target.mutable_data_ptr();
     args.grad_beta = grad_beta.defined() ? grad_beta.mutable_data_ptr() : nullptr;
     const cpu::BackwardFn fn = cpu::kernels().backward[cpu::dtype_index(logits)];
-    at::parallel_for(0, g.maps, cpu::grain_size(g), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+    at::parallel_for(0, g.maps, cpu::grain_size(g),
+                     [&](int64_t begin, int64_t end) { fn(args, begin, end); });
   }
   if (has(target) && target->scalar_type() != acc) grad_target = grad_target.to(target->scalar_type());
   if (has(beta_map) && !grad_beta.defined()) grad_beta = at::zeros({g.batch, g.keypoints}, opts);

@@ -120,18 +120,20 @@ inline bool normalize_map(const T* z, T beta, Normalization mode, Workspace<T>& 
       if (!std::isfinite(nm.shift)) return false;
       const T beta_log2e = beta * T(kLog2e);
       const T shift = nm.shift;
-      nm.denom = weigh_map<true>(z, ws, [&](const Vec<T>& zv) DSNT_INLINE_LAMBDA {
-        return Arith<Vec<T>>::exp2(softmax_log2_weight(zv, shift, beta_log2e));
-      }, ws.weight.data());
+      nm.denom = weigh_map<true>(
+          z, ws,
+          [&](const Vec<T>& zv)
+              DSNT_INLINE_LAMBDA { return Arith<Vec<T>>::exp2(softmax_log2_weight(zv, shift, beta_log2e)); },
+          ws.weight.data());
       break;
     }
     case Normalization::None:
-      nm.mass = weigh_map<false>(z, ws, [](const Vec<T>& zv) DSNT_INLINE_LAMBDA { return zv; }, static_cast<T*>(nullptr));
+      nm.mass = weigh_map<false>(
+          z, ws, [](const Vec<T>& zv) DSNT_INLINE_LAMBDA { return zv; }, static_cast<T*>(nullptr));
       break;
     default:
-      nm.denom = weigh_map<true>(z, ws, [&](const Vec<T>& zv) DSNT_INLINE_LAMBDA {
-        return rectify(zv, mode);
-      }, ws.weight.data());
+      nm.denom = weigh_map<true>(
+          z, ws, [&](const Vec<T>& zv) DSNT_INLINE_LAMBDA { return rectify(zv, mode); }, ws.weight.data());
       if (nm.denom == T(0)) uniform_weights(ws);
   }
   nm.derive();

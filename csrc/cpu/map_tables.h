@@ -228,7 +228,8 @@ struct MeanGradTables {
       const double centre = target.target_centre[k], ubar_g = target.ubar_g[k];
       const double one_minus_rho = target.norm.one_minus_rho;
       for (int64_t j = 0; j < ax.size[k]; ++j) {
-        axis[k][j] = static_cast<T>(target_mean_grad<double>(ax.u[k][j], centre, ubar_g, one_minus_rho, coef));
+        axis[k][j] =
+            static_cast<T>(target_mean_grad<double>(ax.u[k][j], centre, ubar_g, one_minus_rho, coef));
       }
     }
   }
@@ -238,12 +239,12 @@ struct MeanGradTables {
 template <typename T>
 struct Workspace {
   Axes<T> axes;
-  Buffer<T> logits;  // the map widened to T (float16 / bfloat16 logits)
-  Buffer<T> weight;  // forward: the unnormalized p of every element
+  Buffer<T> logits;          // the map widened to T (float16 / bfloat16 logits)
+  Buffer<T> weight;          // forward: the unnormalized p of every element
   Buffer<T> block_marginal;  // forward: x-marginal of a block of rows
-  Buffer<T> grad;    // backward: dLoss/dz in T before narrowing (float16 / bfloat16)
-  Buffer<T> row_vec;  // per row: its vector of partial sums
-  Buffer<T> row_sum;  // per row: its sum
+  Buffer<T> grad;            // backward: dLoss/dz in T before narrowing (float16 / bfloat16)
+  Buffer<T> row_vec;         // per row: its vector of partial sums
+  Buffer<T> row_sum;         // per row: its sum
   Buffer<T> marginal[kMaxSpatialDims];
   Buffer<T> centred[kMaxSpatialDims];  // backward: u - ubar per axis (absent axes: 0)
   TargetTables<T> target;

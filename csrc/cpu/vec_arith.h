@@ -116,8 +116,8 @@ inline void row_sums(const T* vecs, int64_t rows, T* sums) {
       const double* v = vecs + r * 4;
       const __m256d a = _mm256_hadd_pd(_mm256_loadu_pd(v), _mm256_loadu_pd(v + 4));
       const __m256d b = _mm256_hadd_pd(_mm256_loadu_pd(v + 8), _mm256_loadu_pd(v + 12));
-      _mm256_storeu_pd(sums + r, _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20),
-                                               _mm256_permute2f128_pd(a, b, 0x31)));
+      _mm256_storeu_pd(sums + r,
+                       _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31)));
     }
   }
 #endif
@@ -142,7 +142,7 @@ inline T max_of(const T* v, int64_t n) {
     m0 = at::vec::clamp_min(a, m0);
     nan = nan | (a != a);
   }
-  if (nan.zero_mask() != (1 << kLanes<T>) - 1) return std::numeric_limits<T>::quiet_NaN();
+  if (nan.zero_mask() != (1 << kLanes<T>)-1) return std::numeric_limits<T>::quiet_NaN();
   return hmax(at::vec::maximum(m0, m1));
 }
 

@@ -34,9 +34,12 @@ inline Vec<float> vec_exp2(const Vec<float>& v) {
   // 2^f = 1 + f P(f) (Cephes exp2f), P in Estrin's scheme: 4 dependent FMAs instead of 7 (the
   // element loops are bound by these chains' latency)
   const __m256 f2 = _mm256_mul_ps(f, f);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.535336188319500e-4f), f, _mm256_set1_ps(1.339887440266574e-3f));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(9.618437357674640e-3f), f, _mm256_set1_ps(5.550332471162809e-2f));
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(2.402264791363012e-1f), f, _mm256_set1_ps(6.931472028550421e-1f));
+  const __m256 p01 =
+      _mm256_fmadd_ps(_mm256_set1_ps(1.535336188319500e-4f), f, _mm256_set1_ps(1.339887440266574e-3f));
+  const __m256 p23 =
+      _mm256_fmadd_ps(_mm256_set1_ps(9.618437357674640e-3f), f, _mm256_set1_ps(5.550332471162809e-2f));
+  const __m256 p45 =
+      _mm256_fmadd_ps(_mm256_set1_ps(2.402264791363012e-1f), f, _mm256_set1_ps(6.931472028550421e-1f));
   const __m256 p25 = _mm256_fmadd_ps(p23, f2, p45);
   const __m256 p05 = _mm256_fmadd_ps(p01, _mm256_mul_ps(f2, f2), p25);
   const __m256 p = _mm256_fmadd_ps(p05, f, _mm256_set1_ps(1.0f));
@@ -46,7 +49,8 @@ inline Vec<float> vec_exp2(const Vec<float>& v) {
   const __m256i h = _mm256_srai_epi32(ni, 1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
+  const __m256 s2 =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
@@ -59,7 +63,7 @@ inline Vec<float> vec_log2(const Vec<float>& v) {
                           _mm256_set1_ps(1.0f));
   const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237309505f), _CMP_GT_OQ);
   m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // all-ones lanes: e + 1
+  e = _mm256_sub_epi32(e, _mm256_castps_si256(big));        // all-ones lanes: e + 1
   const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));  // exact (Sterbenz)
   const __m256 z = _mm256_mul_ps(t, t);
   // log(1 + t) = t - t^2/2 + t^3 P(t) (Cephes logf), P in Estrin's scheme
@@ -81,9 +85,9 @@ inline Vec<float> vec_log2(const Vec<float>& v) {
   r = _mm256_add_ps(r, t);
   r = _mm256_add_ps(r, _mm256_cvtepi32_ps(e));
   // Zero, subnormal, negative, NaN (unordered compare) or +inf lanes: Sleef.
-  const __m256 special = _mm256_or_ps(
-      _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_NGE_UQ),
-      _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
+  const __m256 special =
+      _mm256_or_ps(_mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_NGE_UQ),
+                   _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
   if (_mm256_movemask_ps(special) == 0) return r;
   return _mm256_blendv_ps(r, v.log2(), special);
 }

@@ -22,9 +22,9 @@ namespace dsnt_cuda {
 
 template <typename T>
 struct BwdTables {
-  T *xg, *xl, *xgrad, *xt;             // x: target factor, log2 factor, gradient part, d log q / d mu_x
-  T *yg, *yl, *zg, *zl;                // y, z target factors
-  T *rg, *rl, *rgrad, *rty, *rtz;      // rows: g~_yz, l_yz, gradient part (+ constants), t_y, t_z
+  T *xg, *xl, *xgrad, *xt;         // x: target factor, log2 factor, gradient part, d log q / d mu_x
+  T *yg, *yl, *zg, *zl;            // y, z target factors
+  T *rg, *rl, *rgrad, *rty, *rtz;  // rows: g~_yz, l_yz, gradient part (+ constants), t_y, t_z
 };
 
 template <typename T>
@@ -39,18 +39,19 @@ struct BwdMap {
   MapUpstream<T> up;
   AxisGrad<T> ax[kMaxSpatialDims];
   T shift, bl, beta, inv_p, log2_inv_p, mass;
-  bool uniform, div;       // uniform fallback; the divergence term is needed (omega != 0)
-  bool var_grad;           // a variance upstream (nu != 0) on a normalized map: see backward_map
-  T table_scale;           // gradient tables are scaled by this (softmax + JS: beta / D)
-  T row_const;             // added to every row's gradient part: -sum p G (+ omega' for JS)
-  T omega_s;               // omega times the regularizer's scale (ln2/2 JS, ln2 KL), x table_scale
+  bool uniform, div;  // uniform fallback; the divergence term is needed (omega != 0)
+  bool var_grad;      // a variance upstream (nu != 0) on a normalized map: see backward_map
+  T table_scale;      // gradient tables are scaled by this (softmax + JS: beta / D)
+  T row_const;        // added to every row's gradient part: -sum p G (+ omega' for JS)
+  T omega_s;          // omega times the regularizer's scale (ln2/2 JS, ln2 KL), x table_scale
   TargetNorm<T> tn;
   T t_coef[kMaxSpatialDims];  // S_k / (2 sigma_t^2)
   TargetAxis<T> axes[kMaxSpatialDims];
 };
 
 template <bool kStandard, typename scalar_t>
-DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>& a, int m, uint32_t b, uint32_t l) {
+DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>& a, int m, uint32_t b,
+                                                        uint32_t l) {
   using T = acc_t<scalar_t>;
   const TileLayout& L = a.layout;
   const auto md = modes_view<kStandard>(a.modes);
@@ -108,7 +109,8 @@ DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>&
   if (md.divergence()) {
     target_axes(a.target + mn, sigma_t, L.size, n, s.axes);
 #pragma unroll
-    for (int k = 0; k < kMaxSpatialDims; ++k) s.t_coef[k] = k < n ? target_mean_grad_coef(sigma_t, L.size[k]) : T(0);
+    for (int k = 0; k < kMaxSpatialDims; ++k)
+      s.t_coef[k] = k < n ? target_mean_grad_coef(sigma_t, L.size[k]) : T(0);
   }
   return s;
 }

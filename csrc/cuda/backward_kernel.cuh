@@ -34,7 +34,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
   scalar_t* grad_map = a.grad_logits + static_cast<int64_t>(m) * L.map_size;
   const bool vec = L.whole_chunks && aligned16(map);
-  const scalar_t pad = (md.softmax() || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
+  const scalar_t pad =
+      (md.softmax() || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
   RegisterTile<T, C, V> tile;
   load_tile<scalar_t, C>(tile, map, gm.memory, tp.row0, tp.row_step, tp.x_t, L.stride_x, vec, pad);
 
@@ -55,7 +56,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
       T pc = T(0);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const T w = md.softmax() ? A::exp2(softmax_log2_weight(x.v[k], s.shift, s.bl)) : rectify(x.v[k], md.norm());
+        const T w =
+            md.softmax() ? A::exp2(softmax_log2_weight(x.v[k], s.shift, s.bl)) : rectify(x.v[k], md.norm());
         const T p = w * s.inv_p, d = d0 + T(k);
         mom[0] += p * d;
         mom[1] += p * d * d;
@@ -114,8 +116,10 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
       row_indices(L, r, gm.memory[v], y, z);
       rg = y >= 0 ? tab.yg[y] * tab.zg[z] : T(0);
       rl = y >= 0 ? tab.yl[y] + tab.zl[z] : Precision<T>::kLog2Floor;
-      tab.rty[v] = target_mean_grad_offset(r.uy, s.axes[1].centre, s.tn.ubar_g[1], s.tn.one_minus_rho, s.t_coef[1]);
-      tab.rtz[v] = target_mean_grad_offset(r.uz, s.axes[2].centre, s.tn.ubar_g[2], s.tn.one_minus_rho, s.t_coef[2]);
+      tab.rty[v] =
+          target_mean_grad_offset(r.uy, s.axes[1].centre, s.tn.ubar_g[1], s.tn.one_minus_rho, s.t_coef[1]);
+      tab.rtz[v] =
+          target_mean_grad_offset(r.uz, s.axes[2].centre, s.tn.ubar_g[2], s.tn.one_minus_rho, s.t_coef[2]);
     }
     tab.rg[v] = rg;
     tab.rl[v] = rl;
@@ -124,7 +128,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
 #pragma unroll 1
     for (int i = g.t; i < gm.x_entries; i += g.size()) {
       const T u = static_cast<T>(gm.x_origin + i) - cx;
-      tab.xt[i] = target_mean_grad_offset(u, s.axes[0].centre, s.tn.ubar_g[0], s.tn.one_minus_rho, s.t_coef[0]);
+      tab.xt[i] =
+          target_mean_grad_offset(u, s.axes[0].centre, s.tn.ubar_g[0], s.tn.one_minus_rho, s.t_coef[0]);
     }
   }
   if (!s.div && hot) {  // the hot path reads the target tables: a flat, zero target
@@ -140,8 +145,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   struct Element {
     T p, l2p, q, f, G, af;
   };
-  auto element = [&](T z, int k, int xi, int v, int count, const Vals<T, V>& xgrad, const Vals<T, V>& xg, T row_grad,
-                     T row_q, T row_l) {
+  auto element = [&](T z, int k, int xi, int v, int count, const Vals<T, V>& xgrad, const Vals<T, V>& xg,
+                     T row_grad, T row_q, T row_l) {
     Element e{T(0), T(0), T(0), T(0), xgrad.v[k] + row_grad, T(0)};
     if (hot) {
       const T l2w = softmax_log2_weight(z, s.shift, s.bl);
@@ -203,7 +208,7 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
     }
   };
   T acc[4] = {T(0), T(0), T(0), T(0)};  // target-mean gradient x, y, z; beta gradient
-  Vals<T, V> unaligned[C];                // the gradient of a map whose rows are not aligned
+  Vals<T, V> unaligned[C];              // the gradient of a map whose rows are not aligned
   CompensatedSum<T> target_sum[3];
 #pragma unroll
   for (int c = 0; c < C; ++c) {
@@ -222,7 +227,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
       if (beta_grad) acc[3] += e.af * out.v[k];
       if (target_grad && s.div) {
         const T l2q = tab.xl[xi + k] + row_l;
-        const T w = md.reg() == Regularizer::JS ? js_target_weight(e.p, e.l2p, e.q, l2q) : kl_target_weight(e.p, e.q);
+        const T w =
+            md.reg() == Regularizer::JS ? js_target_weight(e.p, e.l2p, e.q, l2q) : kl_target_weight(e.p, e.q);
         target_sum[0].add(w * tab.xt[xi + k]);
         wsum += w;
       }
@@ -233,7 +239,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
     }
     store_chunk<scalar_t, C>(grad_map, rm, tp.x_t, a.vec_out, c, out, unaligned);
   }
-  if (!a.vec_out) store_tile_masked<scalar_t, C>(grad_map, gm.memory, tp.row0, tp.row_step, tp.x_t, unaligned);
+  if (!a.vec_out)
+    store_tile_masked<scalar_t, C>(grad_map, gm.memory, tp.row0, tp.row_step, tp.x_t, unaligned);
   if (target_grad || beta_grad) {
     for (int k = 0; k < 3; ++k) acc[k] = target_sum[k].value();
     g.sum(acc, 0);
@@ -283,7 +290,8 @@ __global__ void __launch_bounds__(256, 3) dsnt_bwd_kernel(const BwdArgs<scalar_t
   DSNT_SYNCTHREADS(records_built);
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
-    for (int m = static_cast<int>(blockIdx.x) * warps + group; m < a.maps; m += static_cast<int>(gridDim.x) * warps) {
+    for (int m = static_cast<int>(blockIdx.x) * warps + group; m < a.maps;
+         m += static_cast<int>(gridDim.x) * warps) {
       backward_map<scalar_t, kStandard>(a, m, 0, g, tp, gm, tab);
     }
   } else {

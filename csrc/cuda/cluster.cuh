@@ -58,8 +58,12 @@ __device__ __forceinline__ T* cluster_shared_ptr(T* local, unsigned) {
 #else
 
 __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
-__device__ __forceinline__ unsigned cluster_block_rank() { return cooperative_groups::this_cluster().block_rank(); }
-__device__ __forceinline__ unsigned cluster_num_blocks() { return cooperative_groups::this_cluster().num_blocks(); }
+__device__ __forceinline__ unsigned cluster_block_rank() {
+  return cooperative_groups::this_cluster().block_rank();
+}
+__device__ __forceinline__ unsigned cluster_num_blocks() {
+  return cooperative_groups::this_cluster().num_blocks();
+}
 template <typename T>
 __device__ __forceinline__ T* cluster_shared_ptr(T* local, unsigned rank) {
   return cooperative_groups::this_cluster().map_shared_rank(local, static_cast<int>(rank));

@@ -41,7 +41,7 @@ struct GroupMemory {
   const RowMemory* memory;
   TargetTables<T> tab;
   int x_entries;
-  int x_origin;     // x index of the x tables' first entry
+  int x_origin;        // x index of the x tables' first entry
   bool own_x, own_yz;  // this group adds the x (y, z) table entries to the target's sums
 };
 
@@ -64,8 +64,8 @@ struct Weigher {
 // Divergence terms of one element in the generic form: p, log2 p from the weight, q, log2 q from
 // the tables, then dsnt_math.h.
 template <typename T, class M>
-DSNT_DEV void add_generic_divergence(const Weigher<T, M>& wt, T z, T w, T inv_p, T log2_inv_p, T q, T l2q, T& value,
-                                     T& p_part) {
+DSNT_DEV void add_generic_divergence(const Weigher<T, M>& wt, T z, T w, T inv_p, T log2_inv_p, T q, T l2q,
+                                     T& value, T& p_part) {
   using A = Arith<T>;
   const M& md = wt.md;
   const T p = w * inv_p;
@@ -171,8 +171,8 @@ DSNT_DEV void second_moments_chunk(const SecondPass<T, M>& sp, const Vals<T, V>&
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      add_generic_divergence(sp.weigh, x.v[k], w.v[k], sp.inv_p, sp.log2_inv_p, xg.v[k] * row_q, xl.v[k] + row_l,
-                             r3[3], r3[4]);
+      add_generic_divergence(sp.weigh, x.v[k], w.v[k], sp.inv_p, sp.log2_inv_p, xg.v[k] * row_q,
+                             xl.v[k] + row_l, r3[3], r3[4]);
     }
   }
 }
@@ -181,8 +181,9 @@ DSNT_DEV void second_moments_chunk(const SecondPass<T, M>& sp, const Vals<T, V>&
 // sum_k (x_k - ubar)^2 ek[k]); per chunk sum w for y and z; per element the scaled JS terms
 // with the thread's target factors g~_x in registers (row_q: the row's g~_yz scale D).
 template <typename T, int V>
-DSNT_DEV void second_moments_standard(const Vals<T, V>& e, const RowCoords<T>& r, const T (&ubar)[kMaxSpatialDims],
-                                      const Vals<T, V>& gx, T row_q, T (&r3)[5]) {
+DSNT_DEV void second_moments_standard(const Vals<T, V>& e, const RowCoords<T>& r,
+                                      const T (&ubar)[kMaxSpatialDims], const Vals<T, V>& gx, T row_q,
+                                      T (&r3)[5]) {
   using A = Arith<T>;
   T pc = e.v[0], gl = T(0);
 #pragma unroll

@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
   using T = acc_t<scalar_t>;
   constexpr int V = kChunkElems<scalar_t>;
   constexpr bool kWarp = kClass == FwdClass::Warp, kCluster = kClass == FwdClass::Cluster;
-  constexpr int C = kChunksPerThread<scalar_t, kWarp ? TileKind::Warp : (kCluster ? TileKind::Cluster : TileKind::Block)>;
+  constexpr int C = kChunksPerThread < scalar_t,
+                kWarp ? TileKind::Warp : (kCluster ? TileKind::Cluster : TileKind::Block) > ;
   const TileLayout& L = a.layout;
   const int warps = static_cast<int>(blockDim.x / 32);
   const SmemPlan& sp = a.smem;

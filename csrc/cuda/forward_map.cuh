@@ -120,7 +120,8 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
       second_moments_standard(tile.get(c), gm.coords[v], ms.ubar, gx, gm.tab.rg[v] * q_scale, r3);
     }
   } else {
-    SecondPass<T, M> sp{{md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, keep_e};
+    SecondPass<T, M> sp{
+        {md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, keep_e};
     // p = w * inv_p; log2 p = log2 w + log2_inv_p (none: p = z)
     sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
     sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);

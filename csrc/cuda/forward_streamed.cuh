@@ -55,7 +55,9 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
   const int x_t = (g.t - vr * L.cols) * V;
   const T ux_t = static_cast<T>(x_t);
   const int tiles = (L.vrows + L.slice_vrows - 1) / L.slice_vrows;
-  auto vrow = [&](int tile, int c) { return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows; };
+  auto vrow = [&](int tile, int c) {
+    return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows;
+  };
 
   for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
     uint32_t b, l;
@@ -159,7 +161,8 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     }
 
     // ---- pass B
-    SecondPass<T, M> sp{{md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
+    SecondPass<T, M> sp{
+        {md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
     sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
     sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
     const T q_scale = tn.scale * (scaled_js ? s[0] : T(1));
@@ -183,7 +186,8 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           row_l = ly + lz - tn.log2_norm;
 #pragma unroll
           for (int k = 0; k < V; ++k) {
-            if (rc.xbase + x_t + k < L.size[0]) target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
+            if (rc.xbase + x_t + k < L.size[0])
+              target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
           }
         }
         if (scaled_js) {

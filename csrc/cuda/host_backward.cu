@@ -14,23 +14,26 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
                              const std::optional<at::Tensor>& grad_coord_losses,
                              const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                             const std::optional<at::Tensor>& beta_map, const std::optional<at::Tensor>& sigma_t_map,
-                             const at::Tensor& coords, const at::Tensor& variance, const at::Tensor& stats,
+                             const std::optional<at::Tensor>& beta_map,
+                             const std::optional<at::Tensor>& sigma_t_map, const at::Tensor& coords,
+                             const at::Tensor& variance, const at::Tensor& stats,
                              c10::string_view normalization, double beta, bool normalized_coordinates,
-                             c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight,
-                             bool needs_target_grad, bool needs_beta_grad) {
+                             c10::string_view reg, double sigma_t, c10::string_view coord_loss,
+                             double reg_weight, bool needs_target_grad, bool needs_beta_grad) {
   const DeviceScope scope(logits, "dsnt_bwd (CUDA): logits");
-  const OpOptions o = parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
+  const OpOptions o =
+      parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
   const MapGeometry g = check_forward_inputs(logits, target, mask, beta_map, sigma_t_map, o);
-  check_backward_inputs(g, logits, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss, coords,
-                        variance, stats, o);
+  check_backward_inputs(g, logits, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
+                        coords, variance, stats, o);
   const at::ScalarType acc = accumulation_type(logits);
   const auto opts = logits.options().dtype(acc);
   const bool has_target = target.has_value() && target->defined();
   const bool target_grad = needs_target_grad && has_target;
   const bool beta_grad = needs_beta_grad && beta_map.has_value() && beta_map->defined() &&
                          o.normalization == Normalization::Softmax;
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_logits =
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const at::ScalarType target_dtype = has_target ? target->scalar_type() : acc;
   const std::vector<int64_t> per_point = {g.batch, g.keypoints, g.dims};
   if (g.maps == 0) {
@@ -79,7 +82,8 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
     launch_planned<true, scalar_t>(a, p, standard);
   });
 
-  const at::Tensor per_map = partials.defined() ? (slices > 1 ? partials.sum(1) : partials.select(1, 0)) : at::Tensor();
+  const at::Tensor per_map =
+      partials.defined() ? (slices > 1 ? partials.sum(1) : partials.select(1, 0)) : at::Tensor();
   at::Tensor grad_target = target_grad ? per_map.narrow(1, 0, g.dims).reshape(per_point).to(target_dtype)
                                        : at::zeros(per_point, opts.dtype(target_dtype));
   const at::Tensor beta_per_map = beta_grad ? per_map.select(1, 3).reshape({g.batch, g.keypoints})

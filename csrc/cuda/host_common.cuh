@@ -19,8 +19,8 @@ namespace dsnt_cuda {
 // The entry points (host_forward.cu, host_backward.cu), registered in host.cu.
 ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
-                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization, double beta,
-                            bool normalized_coordinates, c10::string_view reg, double sigma_t,
+                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization,
+                            double beta, bool normalized_coordinates, c10::string_view reg, double sigma_t,
                             c10::string_view coord_loss, double reg_weight);
 BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
                              const std::optional<at::Tensor>& grad_variance,
@@ -28,11 +28,12 @@ BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
                              const std::optional<at::Tensor>& grad_coord_losses,
                              const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                             const std::optional<at::Tensor>& beta_map, const std::optional<at::Tensor>& sigma_t_map,
-                             const at::Tensor& coords, const at::Tensor& variance, const at::Tensor& stats,
+                             const std::optional<at::Tensor>& beta_map,
+                             const std::optional<at::Tensor>& sigma_t_map, const at::Tensor& coords,
+                             const at::Tensor& variance, const at::Tensor& stats,
                              c10::string_view normalization, double beta, bool normalized_coordinates,
-                             c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight,
-                             bool needs_target_grad, bool needs_beta_grad);
+                             c10::string_view reg, double sigma_t, c10::string_view coord_loss,
+                             double reg_weight, bool needs_target_grad, bool needs_beta_grad);
 
 // Logits whose in-map element offsets fit 32 bits (the kernels' row offsets): the tensor
 // itself, or (a map spanning 2^31 elements or more of memory, e.g. huge strides) a contiguous copy.
@@ -41,7 +42,6 @@ inline at::Tensor kernel_logits(const at::Tensor& logits) {
   for (int64_t d = 2; d < logits.dim(); ++d) extent += (logits.size(d) - 1) * logits.stride(d);
   return extent < (int64_t{1} << 31) ? logits : logits.contiguous();
 }
-
 
 inline const char* forced_class() { return std::getenv("DSNT_CUDA_FORCE_CLASS"); }
 
@@ -54,11 +54,15 @@ auto with_launcher(SizeClass c, F&& f) {
     case SizeClass::Block:
       return f(Launcher<SizeClass::Block, kBackward, kStandard, scalar_t>{});
     case SizeClass::Cluster:
-      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
-      else return f(Launcher<SizeClass::Cluster, false, kStandard, scalar_t>{});
+      if constexpr (kBackward)
+        return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else
+        return f(Launcher<SizeClass::Cluster, false, kStandard, scalar_t>{});
     default:
-      if constexpr (kBackward) return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
-      else return f(Launcher<SizeClass::Streamed, false, kStandard, scalar_t>{});
+      if constexpr (kBackward)
+        return f(Launcher<SizeClass::Block, true, kStandard, scalar_t>{});
+      else
+        return f(Launcher<SizeClass::Streamed, false, kStandard, scalar_t>{});
   }
 }
 
@@ -71,13 +75,16 @@ inline bool fixed_x(const LaunchPlan& p) {
 template <bool kBackward, bool kStandard, typename scalar_t>
 LaunchPlan plan_with(const PlanInput& in, DeviceInfo dev) {
   dev.ctas_per_sm = [](SizeClass c, bool, int threads, size_t smem) {
-    return with_launcher<kBackward, kStandard, scalar_t>(c, [&](auto l) { return l.ctas_per_sm(threads, smem); });
+    return with_launcher<kBackward, kStandard, scalar_t>(
+        c, [&](auto l) { return l.ctas_per_sm(threads, smem); });
   };
   dev.max_active_clusters = [](int cluster, int threads, size_t smem) {
-    return Launcher<SizeClass::Cluster, false, kStandard, scalar_t>::max_active_clusters(cluster, threads, smem);
+    return Launcher<SizeClass::Cluster, false, kStandard, scalar_t>::max_active_clusters(cluster, threads,
+                                                                                         smem);
   };
   LaunchPlan p = plan_launch(in, dev);
-  if (p.cls == SizeClass::Cluster && !kBackward && dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
+  if (p.cls == SizeClass::Cluster && !kBackward &&
+      dev.max_active_clusters(p.cluster, p.threads, p.smem) == 0) {
     dev.max_cluster = 8;  // no non-portable cluster sizes on this device: the portable limit
     p = plan_launch(in, dev);
   }
@@ -133,8 +140,8 @@ void launch_planned(const ArgsOf<kBackward, scalar_t>& a, const LaunchPlan& p, b
 
 template <typename scalar_t>
 void fill_map_args(MapArgs<scalar_t>& a, const at::Tensor& logits, const MapGeometry& g, const OpOptions& o,
-                   const LaunchPlan& p, const at::Tensor& target, const at::Tensor& mask, const at::Tensor& beta,
-                   const at::Tensor& sigma) {
+                   const LaunchPlan& p, const at::Tensor& target, const at::Tensor& mask,
+                   const at::Tensor& beta, const at::Tensor& sigma) {
   using T = acc_t<scalar_t>;
   TORCH_CHECK_VALUE(g.maps < (int64_t{1} << 31), "dsnt_cuda: at most 2^31 - 1 maps (B * L), got ", g.maps);
   a.logits = logits.const_data_ptr<scalar_t>();

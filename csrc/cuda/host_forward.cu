@@ -9,11 +9,12 @@ namespace dsnt_cuda {
 
 ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
-                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization, double beta,
-                            bool normalized_coordinates, c10::string_view reg, double sigma_t,
+                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization,
+                            double beta, bool normalized_coordinates, c10::string_view reg, double sigma_t,
                             c10::string_view coord_loss, double reg_weight) {
   const DeviceScope scope(logits, "dsnt_fwd (CUDA): logits");
-  const OpOptions o = parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
+  const OpOptions o =
+      parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
   const MapGeometry g = check_forward_inputs(logits, target, mask, beta_map, sigma_t_map, o);
   const at::ScalarType acc = accumulation_type(logits);
   const auto opts = logits.options().dtype(acc);

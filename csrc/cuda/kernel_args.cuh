@@ -22,11 +22,14 @@ namespace dsnt_cuda {
 enum class TileKind : int { Warp = 0, Block = 1, Cluster = 2, Streamed = 3, Backward = 4 };
 
 DSNT_HD constexpr int tile_elements(int elem_size, TileKind kind) {
-  const int e = kind == TileKind::Block || kind == TileKind::Cluster ? 64 : (kind == TileKind::Streamed ? 16 : 32);
+  const int e =
+      kind == TileKind::Block || kind == TileKind::Cluster ? 64 : (kind == TileKind::Streamed ? 16 : 32);
   return elem_size == 8 ? e / 2 : e;
 }
 
-DSNT_HD constexpr int tile_chunks(int elem_size, TileKind kind) { return tile_elements(elem_size, kind) * elem_size / 16; }
+DSNT_HD constexpr int tile_chunks(int elem_size, TileKind kind) {
+  return tile_elements(elem_size, kind) * elem_size / 16;
+}
 
 template <typename scalar_t, TileKind kKind>
 constexpr int kChunksPerThread = tile_chunks(static_cast<int>(sizeof(scalar_t)), kKind);
@@ -38,7 +41,9 @@ struct ModeTests {
   DSNT_DEV bool softmax() const { return self().norm() == Normalization::Softmax; }
   DSNT_DEV bool none() const { return self().norm() == Normalization::None; }
   DSNT_DEV bool rectified() const { return !softmax() && !none(); }
-  DSNT_DEV bool divergence() const { return self().reg() == Regularizer::JS || self().reg() == Regularizer::KL; }
+  DSNT_DEV bool divergence() const {
+    return self().reg() == Regularizer::JS || self().reg() == Regularizer::KL;
+  }
   // softmax + JS: the scaled form (docs/math.md §7), with e kept in the tile.
   DSNT_DEV bool softmax_js() const { return softmax() && self().reg() == Regularizer::JS; }
 };
@@ -91,17 +96,17 @@ DSNT_DEV ModesOf<kStandard> modes_view(const Modes& m) {
 // Byte offsets of the arrays in a CTA's dynamic shared memory. Tables are per group (per warp in
 // the warp class); records are shared by the CTA's groups (one geometry per launch).
 struct SmemPlan {
-  int x_entries = 0;    // entries of the x tables
-  size_t coords = 0;    // RowCoords[slice_vrows + 1]
-  size_t memory = 0;    // RowMemory[slice_vrows + 1]
-  size_t groups = 0;    // start of the first group's block
+  int x_entries = 0;  // entries of the x tables
+  size_t coords = 0;  // RowCoords[slice_vrows + 1]
+  size_t memory = 0;  // RowMemory[slice_vrows + 1]
+  size_t groups = 0;  // start of the first group's block
   size_t group_bytes = 0;
   // inside a group's block:
-  size_t scratch = 0;   // reduction scratch
+  size_t scratch = 0;       // reduction scratch
   uint32_t table[13] = {};  // byte offsets of the table arrays (see smem_plan for the order)
   // after the groups:
-  size_t tile = 0;      // the cluster class's shared tile
-  size_t slots = 0;     // the cluster class's published totals
+  size_t tile = 0;   // the cluster class's shared tile
+  size_t slots = 0;  // the cluster class's published totals
   size_t total = 0;
 };
 
@@ -113,7 +118,7 @@ constexpr int kBwdXTables = 4, kBwdRowTables = 5;  // x: g, l, grad, t; rows: g,
 DSNT_HD size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
 DSNT_HD SmemPlan smem_plan(const TileLayout& L, int groups_per_cta, int warps_per_group, bool backward,
-                                  bool shared_tile, size_t acc_size, int chunks) {
+                           bool shared_tile, size_t acc_size, int chunks) {
   SmemPlan p;
   p.x_entries = L.rows == 1 ? L.slice_vrows * L.row_width : L.segs * L.row_width;
   const size_t n_rec = static_cast<size_t>(L.slice_vrows) + 1;
@@ -149,8 +154,8 @@ struct MapArgs {
   const scalar_t* logits;
   int64_t stride_b, stride_l;  // map (b, l) starts at logits + b * stride_b + l * stride_l
   TileLayout layout;
-  int maps;                    // B * L (< 2^31)
-  FastDivmod keypoints;        // m -> (b, l)
+  int maps;              // B * L (< 2^31)
+  FastDivmod keypoints;  // m -> (b, l)
   Modes modes;
   CoordLoss coord_loss;
   bool normalized;
@@ -164,12 +169,12 @@ struct MapArgs {
 template <typename scalar_t>
 struct FwdArgs : MapArgs<scalar_t> {
   using T = acc_t<scalar_t>;
-  T* coords;        // (maps, dims)
-  T* variance;      // (maps, dims)
-  T* reg_losses;    // (maps)
-  T* coord_losses;  // (maps), or null without a coordinate loss
-  T* stats;         // (maps, 4 + dims)
-  T* loss;          // () or null
+  T* coords;           // (maps, dims)
+  T* variance;         // (maps, dims)
+  T* reg_losses;       // (maps)
+  T* coord_losses;     // (maps), or null without a coordinate loss
+  T* stats;            // (maps, 4 + dims)
+  T* loss;             // () or null
   unsigned* arrivals;  // zeroed counter of the loss epilogue (last CTA reduces), or null
 };
 

@@ -52,7 +52,7 @@ void launch(void (*kernel)(Params...), const LaunchConfig& c, Args&&... args) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(c.smem)));
   }
   if (c.cluster.x * c.cluster.y * c.cluster.z == 1) {
-    kernel<<<c.grid, c.block, c.smem, c.stream>>>(std::forward<Args>(args)...);
+    kernel<<<c.grid, c.block, c.smem, c.stream> > >(std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -90,8 +90,8 @@ __device__ __forceinline__ T* dynamic_smem() {
 #if defined(DSNT_CUDA_EMULATION) && defined(DSNT_EMU_DROP_BARRIER)
 #define DSNT_EMU_STRINGIFY_(x) #x
 #define DSNT_EMU_STRINGIFY(x) DSNT_EMU_STRINGIFY_(x)
-#define DSNT_SYNCTHREADS(name)                                                           \
-  do {                                                                                   \
+#define DSNT_SYNCTHREADS(name)                                                                 \
+  do {                                                                                         \
     if (std::string_view(#name) != DSNT_EMU_STRINGIFY(DSNT_EMU_DROP_BARRIER)) __syncthreads(); \
   } while (0)
 #else

@@ -8,8 +8,6 @@
 // full as the item count allows (wholebody, face: under 1 % idle) instead of a partial wave.
 // Also the report's entry (dsnt_cuda_launch_plan_json, at the end): the plans it prints come from
 // this planner, fed with a device model instead of a live GPU.
-#include "launch_plan.h"
-
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -19,6 +17,7 @@
 #include <string>
 
 #include "kernel_args.cuh"
+#include "launch_plan.h"
 
 namespace dsnt_cuda {
 
@@ -55,7 +54,8 @@ TileLayout make_layout(const PlanInput& in, int group, int chunks) {
   L.stride_z = in.stride[2];
   L.segs_div = FastDivmod(static_cast<uint32_t>(L.segs));
   L.size_y_div = FastDivmod(static_cast<uint32_t>(L.size[1]));
-  const bool padded = L.tile_rows * L.cols != group || L.vrows % L.slice_vrows != 0 || L.size[0] % L.row_width != 0;
+  const bool padded =
+      L.tile_rows * L.cols != group || L.vrows % L.slice_vrows != 0 || L.size[0] % L.row_width != 0;
   L.whole_out_chunks = !padded;
   L.whole_chunks = !padded && in.stride[0] == 1 && (in.stride[1] * in.elem_size) % 16 == 0 &&
                    (in.stride[2] * in.elem_size) % 16 == 0;
@@ -105,7 +105,8 @@ void size_grid(LaunchPlan& p, const PlanInput& in, const DeviceInfo& dev) {
   p.launch_bound = bytes < kLaunchBoundBytes;
 }
 
-bool fits(const TileLayout& L, const DeviceInfo& dev, SizeClass c, bool backward, int threads, int elem_size) {
+bool fits(const TileLayout& L, const DeviceInfo& dev, SizeClass c, bool backward, int threads,
+          int elem_size) {
   return smem_of(L, c, backward, threads, elem_size) <= static_cast<size_t>(dev.max_smem_per_cta);
 }
 
@@ -163,10 +164,13 @@ int model_ctas_per_sm(int registers, int threads, size_t smem) {
 }
 
 LaunchPlan plan_launch(const PlanInput& in, const DeviceInfo& dev) {
-  auto chunks_of = [&](TileKind kind) { return tile_chunks(in.elem_size, in.backward ? TileKind::Backward : kind); };
+  auto chunks_of = [&](TileKind kind) {
+    return tile_chunks(in.elem_size, in.backward ? TileKind::Backward : kind);
+  };
   const std::string force = in.force != nullptr ? in.force : "";
-  TORCH_CHECK_VALUE(force.empty() || force == "warp" || force == "block" || force == "cluster" || force == "streamed",
-                    "dsnt_cuda: DSNT_CUDA_FORCE_CLASS must be warp, block, cluster or streamed, got '", force, "'");
+  TORCH_CHECK_VALUE(
+      force.empty() || force == "warp" || force == "block" || force == "cluster" || force == "streamed",
+      "dsnt_cuda: DSNT_CUDA_FORCE_CLASS must be warp, block, cluster or streamed, got '", force, "'");
   LaunchPlan p;
   const bool any = force.empty();
   TileLayout L;
@@ -178,7 +182,8 @@ LaunchPlan plan_launch(const PlanInput& in, const DeviceInfo& dev) {
     p.threads = kWarpCtaThreads;
     p.groups_per_cta = kWarpCtaThreads / 32;
   } else if ((any || force == "block") &&
-             smallest_group(in, chunks_of(TileKind::Block), in.backward ? kSplitThreads : kBlockMaxThreads, L) &&
+             smallest_group(in, chunks_of(TileKind::Block), in.backward ? kSplitThreads : kBlockMaxThreads,
+                            L) &&
              fits(L, dev, SizeClass::Block, in.backward, L.group, in.elem_size)) {
     p.cls = SizeClass::Block;
     p.layout = L;
@@ -190,10 +195,11 @@ LaunchPlan plan_launch(const PlanInput& in, const DeviceInfo& dev) {
     p.layout = make_layout(in, g, chunks_of(TileKind::Backward));
     p.threads = g;
     p.slices = slices_of(p.layout);
-    TORCH_CHECK(fits(p.layout, dev, p.cls, true, g, in.elem_size), "dsnt_cuda: the rows of this map need more ",
-                "shared memory than a CTA has (", p.layout.size[0], " x ", p.layout.rows, " elements)");
+    TORCH_CHECK(fits(p.layout, dev, p.cls, true, g, in.elem_size),
+                "dsnt_cuda: the rows of this map need more ", "shared memory than a CTA has (",
+                p.layout.size[0], " x ", p.layout.rows, " elements)");
   } else if (!((any || force == "cluster") &&
-                 plan_cluster(in, dev, chunks_of(TileKind::Cluster), force == "cluster", p))) {
+               plan_cluster(in, dev, chunks_of(TileKind::Cluster), force == "cluster", p))) {
     TORCH_CHECK(any || force == "streamed", "dsnt_cuda: size class '", force, "' cannot hold maps of ",
                 in.size[0] * in.size[1] * in.size[2], " elements");
     p.cls = SizeClass::Streamed;
@@ -252,9 +258,9 @@ std::string plan_json(const LaunchPlan& p, bool backward) {
 // report (scripts/sass_count.py loads it with ctypes from the built extension or from the
 // emulation's build of these sources: no GPU, no CUDA runtime). The string lives until the
 // calling thread's next call; an error is returned as {"error": ...}.
-extern "C" __attribute__((visibility("default"))) const char* dsnt_cuda_launch_plan_json(int64_t batch, int64_t keypoints, int dims, const int64_t* spatial,
-                                                  int elem_size, int backward, const int* registers, int sms,
-                                                  int max_cluster) {
+extern "C" __attribute__((visibility("default"))) const char* dsnt_cuda_launch_plan_json(
+    int64_t batch, int64_t keypoints, int dims, const int64_t* spatial, int elem_size, int backward,
+    const int* registers, int sms, int max_cluster) {
   using namespace dsnt_cuda;
   thread_local std::string out;
   try {
@@ -278,4 +284,3 @@ extern "C" __attribute__((visibility("default"))) const char* dsnt_cuda_launch_p
   }
   return out.c_str();
 }
-

@@ -19,8 +19,8 @@ const char* size_class_name(SizeClass c, bool backward);
 // What the plan needs to know about the device and the kernels.
 struct DeviceInfo {
   int sms = 132;
-  int max_cluster = 8;          // 16 where the device allows non-portable cluster sizes
-  bool clusters = true;         // sm_90 and newer
+  int max_cluster = 8;   // 16 where the device allows non-portable cluster sizes
+  bool clusters = true;  // sm_90 and newer
   int max_smem_per_cta = 227 * 1024;
   // CTAs of a kernel resident per SM for a launch shape, and clusters resident on the GPU.
   std::function<int(SizeClass, bool backward, int threads, size_t smem)> ctas_per_sm;
@@ -42,8 +42,8 @@ struct LaunchPlan {
   size_t smem = 0;         // dynamic shared memory per CTA
   SmemPlan carve;          // where its arrays live
   int ctas_per_sm = 0;
-  int64_t resident = 0;    // CTAs resident at once on the whole GPU
-  int64_t waves = 0;       // rounds of work items over the resident CTAs
+  int64_t resident = 0;  // CTAs resident at once on the whole GPU
+  int64_t waves = 0;     // rounds of work items over the resident CTAs
   double last_wave_idle = 0.0;
   int hbm_reads = 1, hbm_writes = 0;  // passes over the logits / gradient
   bool launch_bound = false;          // too little work to fill the GPU
@@ -60,6 +60,5 @@ struct PlanInput {
 };
 
 LaunchPlan plan_launch(const PlanInput& in, const DeviceInfo& dev);
-
 
 }  // namespace dsnt_cuda

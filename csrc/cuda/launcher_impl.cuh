@@ -14,9 +14,11 @@ template <typename Kernel>
 void prepare_kernel(Kernel kernel, size_t smem, bool cluster) {
 #ifndef DSNT_CUDA_EMULATION
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  if (cluster) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (cluster)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 #else
   (void)kernel;
   (void)smem;
@@ -101,7 +103,8 @@ int Launcher<kClass, kBackward, kStandard, scalar_t>::ctas_per_sm(int threads, s
 }
 
 template <SizeClass kClass, bool kBackward, bool kStandard, typename scalar_t>
-int Launcher<kClass, kBackward, kStandard, scalar_t>::max_active_clusters(int cluster, int threads, size_t smem) {
+int Launcher<kClass, kBackward, kStandard, scalar_t>::max_active_clusters(int cluster, int threads,
+                                                                          size_t smem) {
   return active_clusters_of(kernel_of<kClass, kBackward, kStandard, scalar_t>(), cluster, threads, smem);
 }
 

@@ -28,22 +28,24 @@ template <typename scalar_t>
 constexpr bool kHasStandard = !std::is_same_v<scalar_t, double>;
 
 // Both kernels of a (class, direction) for one dtype (instances/*.cu).
-#define DSNT_INSTANTIATE_LAUNCHERS(kClass, kBackward, scalar_t)    \
-  template struct Launcher<kClass, kBackward, false, scalar_t>;    \
+#define DSNT_INSTANTIATE_LAUNCHERS(kClass, kBackward, scalar_t) \
+  template struct Launcher<kClass, kBackward, false, scalar_t>; \
   template struct Launcher<kClass, kBackward, kHasStandard<scalar_t>, scalar_t>;
 
 // DSNT_FLOAT_ONLY: a build with float32 kernels only (the SASS probes of scripts/sass_count.py,
 // the emulator's barrier-drop proof); the host code then dispatches float32 alone.
 
 #ifdef DSNT_FLOAT_ONLY
-#define DSNT_DISPATCH_LOGITS(type, name, ...)                                                        \
-  [&] {                                                                                               \
-    TORCH_CHECK_VALUE(type == at::kFloat, "dsnt_cuda: this build (DSNT_FLOAT_ONLY) has float32 kernels only"); \
-    using scalar_t = float;                                                                           \
-    return __VA_ARGS__();                                                                             \
+#define DSNT_DISPATCH_LOGITS(type, name, ...)                                              \
+  [&] {                                                                                    \
+    TORCH_CHECK_VALUE(type == at::kFloat,                                                  \
+                      "dsnt_cuda: this build (DSNT_FLOAT_ONLY) has float32 kernels only"); \
+    using scalar_t = float;                                                                \
+    return __VA_ARGS__();                                                                  \
   }()
 #else
-#define DSNT_DISPATCH_LOGITS(type, name, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+#define DSNT_DISPATCH_LOGITS(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
 #endif
 
 }  // namespace dsnt_cuda

@@ -21,15 +21,15 @@ namespace dsnt_cuda {
 // What the passes of one map produce (reduced over the group).
 template <typename T>
 struct MapSums {
-  T shift;               // softmax: max z
-  T weight;              // sum of the weights w (e, r or z)
+  T shift;   // softmax: max z
+  T weight;  // sum of the weights w (e, r or z)
   T ubar[kMaxSpatialDims];
   T centred[kMaxSpatialDims];  // sum w (u - ubar)^2
-  bool uniform;          // rectified map with a zero sum: p = 1/N
+  bool uniform;                // rectified map with a zero sum: p = 1/N
   // divergence, log2 units. Scaled JS (softmax): a = sum e a, b = sum e L, c = sum (qD) L.
   // Otherwise: a = value, b = sum p (l2p - l2m) (JS only).
   T div_a, div_b, div_c;
-  T log2_weight;         // log2 of `weight` (softmax and rectified)
+  T log2_weight;  // log2 of `weight` (softmax and rectified)
   // the target's per-axis offsets and sums (sum g~, sum g~ l), for sum q and sum q log2 q
   T target_off[kMaxSpatialDims], target_g[kMaxSpatialDims], target_gl[kMaxSpatialDims];
 };
@@ -55,8 +55,18 @@ struct OutputArgs {
 template <typename scalar_t>
 DSNT_DEV OutputArgs<acc_t<scalar_t>> output_args(const FwdArgs<scalar_t>& a) {
   const TileLayout& L = a.layout;
-  return {a.coords, a.variance, a.reg_losses, a.coord_losses, a.stats, a.target, a.modes, a.coord_loss,
-          a.normalized, L.dims, {L.size[0], L.size[1], L.size[2]}, L.map_size};
+  return {a.coords,
+          a.variance,
+          a.reg_losses,
+          a.coord_losses,
+          a.stats,
+          a.target,
+          a.modes,
+          a.coord_loss,
+          a.normalized,
+          L.dims,
+          {L.size[0], L.size[1], L.size[2]},
+          L.map_size};
 }
 
 template <typename T>
@@ -126,7 +136,7 @@ DSNT_DEV void finish_loss(const FwdArgs<scalar_t>& a, acc_t<scalar_t>* scratch) 
   const bool last = *flag != 0;
   DSNT_SYNCTHREADS(loss_flag_read);
   if (!last) return;
-  __threadfence();  // every other CTA's losses after learning this one is last
+  __threadfence();        // every other CTA's losses after learning this one is last
   T v[2] = {T(0), T(0)};  // sum (cl + lambda reg) mask, sum mask
   for (int m = threadIdx.x; m < a.maps; m += blockDim.x) {
     const T w = a.mask != nullptr ? a.mask[m] : T(1);

@@ -60,8 +60,8 @@ DSNT_OUT_OF_LINE void load_tile_strided(const scalar_t* map, const RowMemory* me
 // A thread's C chunks (map rows row0 + c * row_step) into `tile`: 16-byte vectors when `vec`
 // (then every chunk is whole: TileLayout::whole_chunks).
 template <typename scalar_t, int C, class Tile>
-DSNT_DEV void load_tile(Tile& tile, const scalar_t* map, const RowMemory* memory, int row0, int row_step, int x_t,
-                        int64_t stride_x, bool vec, scalar_t pad) {
+DSNT_DEV void load_tile(Tile& tile, const scalar_t* map, const RowMemory* memory, int row0, int row_step,
+                        int x_t, int64_t stride_x, bool vec, scalar_t pad) {
   constexpr int V = kChunkElems<scalar_t>;
   using T = acc_t<scalar_t>;
   if (vec) {
@@ -86,8 +86,8 @@ DSNT_DEV void load_tile(Tile& tile, const scalar_t* map, const RowMemory* memory
 // The gradient of a map whose rows are not 16-byte aligned (S_x not a multiple of V), from the
 // buffer the element pass filled, out of line.
 template <typename scalar_t, int C>
-DSNT_OUT_OF_LINE void store_tile_masked(scalar_t* grad_map, const RowMemory* memory, int row0, int row_step, int x_t,
-                                        const Vals<acc_t<scalar_t>, kChunkElems<scalar_t>>* vals) {
+DSNT_OUT_OF_LINE void store_tile_masked(scalar_t* grad_map, const RowMemory* memory, int row0, int row_step,
+                                        int x_t, const Vals<acc_t<scalar_t>, kChunkElems<scalar_t>>* vals) {
   for (int c = 0; c < C; ++c) {
     const RowMemory rm = memory[row0 + c * row_step];
     const int count = rm.xcount - x_t;

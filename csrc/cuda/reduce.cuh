@@ -111,9 +111,9 @@ struct WarpGroup {
 template <typename T>
 struct CtaGroup {
   static constexpr bool kCluster = false;
-  int t;          // threadIdx.x
-  int warps;      // blockDim.x / 32
-  T* scratch;     // kRounds * warps * kMaxReduce values of dynamic shared memory
+  int t;       // threadIdx.x
+  int warps;   // blockDim.x / 32
+  T* scratch;  // kRounds * warps * kMaxReduce values of dynamic shared memory
   DSNT_DEV int size() const { return warps * 32; }
   DSNT_DEV void sync() const { DSNT_SYNCTHREADS(group_sync); }
   DSNT_DEV bool leader() const { return t == 0; }

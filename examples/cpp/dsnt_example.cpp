@@ -16,9 +16,7 @@ using DsntFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
     c10::string_view reg, double sigma_t, c10::string_view coord_loss, double reg_weight);
 
 int main() {
-  auto dsnt_fwd = c10::Dispatcher::singleton()
-                      .findSchemaOrThrow("dsnt_cuda::dsnt_fwd", "")
-                      .typed<DsntFwd>();
+  auto dsnt_fwd = c10::Dispatcher::singleton().findSchemaOrThrow("dsnt_cuda::dsnt_fwd", "").typed<DsntFwd>();
 
   at::Tensor logits = at::full({2, 3, 8, 10}, -8.0);  // (B, L, H, W)
   logits.index_put_({at::indexing::Slice(), at::indexing::Slice(), 2, 5}, 8.0);
@@ -29,11 +27,10 @@ int main() {
                     /*normalized_coordinates=*/false, "js", 1.0, "none", 0.0);
 
   const float x = coords[0][0][0].item<float>(), y = coords[0][0][1].item<float>();
-  std::printf("coords (px) of map 0: x = %.4f, y = %.4f, variance = (%.2e, %.2e) px^2, JS = %.4f\n",
-              x, y, variance[0][0][0].item<float>(), variance[0][0][1].item<float>(),
-              js[0][0].item<float>());
-  const bool ok = std::fabs(x - 5.0f) < 1e-3f && std::fabs(y - 2.0f) < 1e-3f &&
-                  js.gt(0).all().item<bool>() && js.le(std::log(2.0) + 1e-6).all().item<bool>();
+  std::printf("coords (px) of map 0: x = %.4f, y = %.4f, variance = (%.2e, %.2e) px^2, JS = %.4f\n", x, y,
+              variance[0][0][0].item<float>(), variance[0][0][1].item<float>(), js[0][0].item<float>());
+  const bool ok = std::fabs(x - 5.0f) < 1e-3f && std::fabs(y - 2.0f) < 1e-3f && js.gt(0).all().item<bool>() &&
+                  js.le(std::log(2.0) + 1e-6).all().item<bool>();
   std::printf(ok ? "ok\n" : "FAIL\n");
   return ok ? 0 : 1;
 }

@@ -10,10 +10,9 @@
 // the package was exported against. Exits 0 when every check passes, 1 otherwise.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/jit/serialization/pickle.h>
-
-#include <dlfcn.h>
 
 #include <cstdio>
 #include <exception>
@@ -80,8 +79,8 @@ void compare(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& 
     const std::string name = what + ", output " + std::to_string(i);
     if (g.sizes() != e.sizes() || g.scalar_type() != e.scalar_type()) {
       std::ostringstream msg;
-      msg << name << ": got " << g.sizes() << " " << g.scalar_type() << ", expected "
-          << e.sizes() << " " << e.scalar_type();
+      msg << name << ": got " << g.sizes() << " " << g.scalar_type() << ", expected " << e.sizes() << " "
+          << e.scalar_type();
       expect(false, msg.str());
       continue;
     }

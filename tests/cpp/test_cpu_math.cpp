@@ -5,8 +5,6 @@
 // the special arguments: exp2 of -inf, NaN, arguments past the range, subnormal results; log2
 // of zero, subnormal, negative, infinite and NaN lanes. Exits 77 (ctest: skipped) on a CPU
 // without AVX2 / FMA or a compiler without the AVX2 build.
-#include "cpu/avx2_target.h"
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,6 +12,8 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#include "cpu/avx2_target.h"
 
 #ifdef DSNT_HAVE_AVX2_BUILD
 #define DSNT_CPU_NS avx2_math_test
@@ -75,7 +75,8 @@ void check(const char* name, Fn fn, Exact exact, const std::vector<float>& xs, d
       if (++failures > 20) return;
     }
   }
-  std::printf("%s: %zu arguments, worst %.3f ulp at x = %.9g\n", name, xs.size(), worst, static_cast<double>(worst_x));
+  std::printf("%s: %zu arguments, worst %.3f ulp at x = %.9g\n", name, xs.size(), worst,
+              static_cast<double>(worst_x));
 }
 
 // Every float of [lo, hi) at a stride of `step` ulps.
@@ -106,7 +107,8 @@ int run() {
   for (int i = 0; i < 2000000; ++i) ex.push_back(arg(rng));
   for (float x : float_range(-1.0f, 1.0f, 997)) ex.push_back(x);
   for (float x = -150.0f; x <= 128.0f; x += 0.5f) ex.push_back(x);  // the rounding split points
-  for (float x : {-inf, inf, nan, -0.0f, 0.0f, 127.99f, 128.0f, -126.0f, -149.0f, -149.5f, -150.0f, -1e30f, 1e30f})
+  for (float x :
+       {-inf, inf, nan, -0.0f, 0.0f, 127.99f, 128.0f, -126.0f, -149.0f, -149.5f, -150.0f, -1e30f, 1e30f})
     ex.push_back(x);
   check("exp2", [](const Vec& v) { return vec_exp2(v); }, [](double x) { return std::exp2(x); }, ex, 2.0);
 
@@ -120,7 +122,8 @@ int run() {
     for (int i = 0; i < 4000; ++i) x = std::nextafter(x, 0.0f);
     for (int i = 0; i < 8000; ++i, x = std::nextafter(x, 10.0f)) lx.push_back(x);
   }
-  for (float x : float_range(std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(), 4099))
+  for (float x :
+       float_range(std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(), 4099))
     lx.push_back(x);
   for (float x : {0.0f, -0.0f, -1.0f, -inf, inf, nan, -1e-30f, std::numeric_limits<float>::max(),
                   std::numeric_limits<float>::min()})

@@ -17,13 +17,17 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using Fwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
-    double, bool, c10::string_view, double, c10::string_view, double);
-using Bwd = std::tuple<Tensor, Tensor, Tensor>(
-    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-    const Tensor&, c10::string_view, double, bool, c10::string_view, double, c10::string_view, double, bool, bool);
+using Fwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&,
+                                                                       const OptTensor&, const OptTensor&,
+                                                                       const OptTensor&, c10::string_view,
+                                                                       double, bool, c10::string_view, double,
+                                                                       c10::string_view, double);
+using Bwd = std::tuple<Tensor, Tensor, Tensor>(const OptTensor&, const OptTensor&, const OptTensor&,
+                                               const OptTensor&, const OptTensor&, const Tensor&,
+                                               const OptTensor&, const OptTensor&, const OptTensor&,
+                                               const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               c10::string_view, double, bool, c10::string_view, double,
+                                               c10::string_view, double, bool, bool);
 
 int failures = 0;
 
@@ -45,10 +49,11 @@ c10::TypedOperatorHandle<Bwd> bwd_op() {
 }
 
 // Forward without target, mask or per-map tensors, no loss.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> plain_fwd(const Tensor& z, const char* norm, double beta,
-                                                                     bool normalized, const char* reg) {
-  return fwd_op().call(z, std::nullopt, std::nullopt, std::nullopt, std::nullopt, norm, beta, normalized, reg, 1.0,
-                       "none", 0.0);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> plain_fwd(const Tensor& z, const char* norm,
+                                                                     double beta, bool normalized,
+                                                                     const char* reg) {
+  return fwd_op().call(z, std::nullopt, std::nullopt, std::nullopt, std::nullopt, norm, beta, normalized, reg,
+                       1.0, "none", 0.0);
 }
 
 void test_peaked_maps() {
@@ -95,9 +100,9 @@ void test_uniform_maps() {
   std::tie(c, v, r, cl, loss, s) = plain_fwd(neg, "relu", 1.0, false, "none");
   expect(close(c, at::tensor({1.0f, 1.0f}).view({1, 1, 2}), 1e-6), "relu fallback is uniform");
   expect(s.index({0, 0, 1}).item<float>() == 0.0f, "relu fallback keeps denom 0");
-  auto [gl, gt, gb] = bwd_op().call(at::ones_like(c), std::nullopt, std::nullopt, std::nullopt, std::nullopt, neg,
-                                    std::nullopt, std::nullopt, std::nullopt, std::nullopt, c, v, s, "relu", 1.0, false,
-                                    "none", 1.0, "none", 0.0, false, false);
+  auto [gl, gt, gb] = bwd_op().call(at::ones_like(c), std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                                    neg, std::nullopt, std::nullopt, std::nullopt, std::nullopt, c, v, s,
+                                    "relu", 1.0, false, "none", 1.0, "none", 0.0, false, false);
   expect(gl.abs().max().item<float>() == 0.0f, "relu fallback has zero gradient");
   expect(gb.numel() == 0, "no beta_map: empty grad_beta_map");
 }
@@ -111,19 +116,19 @@ void test_training_loss() {
   Tensor t = at::rand({3, 2, 2}, at::kDouble) * 1.6 - 0.8;
   const double w = 0.7;
   auto loss_of = [&](const Tensor& logits) {
-    return std::get<4>(fwd.call(logits, t, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.3, true, "js", 1.0,
-                                "euclidean", w));
+    return std::get<4>(fwd.call(logits, t, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.3, true,
+                                "js", 1.0, "euclidean", w));
   };
-  auto [c, v, r, cl, loss, s] =
-      fwd.call(z, t, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.3, true, "js", 1.0, "euclidean", w);
+  auto [c, v, r, cl, loss, s] = fwd.call(z, t, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.3, true,
+                                         "js", 1.0, "euclidean", w);
   expect(r.min().item<double>() >= 0 && r.max().item<double>() <= std::log(2.0), "JS in [0, ln 2]");
   expect(close(cl, (c - t).norm(2, {-1}), 1e-12), "euclidean coord_losses");
   expect(close(loss, (cl + w * r).mean(), 1e-12), "loss = mean(coord_losses + reg_weight reg_losses)");
 
   const Tensor one = at::ones({}, at::kDouble);
-  auto [gl, gt, gb] = bwd.call(std::nullopt, std::nullopt, std::nullopt, std::nullopt, one, z, t, std::nullopt,
-                               std::nullopt, std::nullopt, c, v, s, "softmax", 1.3, true, "js", 1.0, "euclidean", w,
-                               true, false);
+  auto [gl, gt, gb] =
+      bwd.call(std::nullopt, std::nullopt, std::nullopt, std::nullopt, one, z, t, std::nullopt, std::nullopt,
+               std::nullopt, c, v, s, "softmax", 1.3, true, "js", 1.0, "euclidean", w, true, false);
   expect(gl.sizes() == z.sizes() && gl.scalar_type() == at::kDouble, "grad_logits shape, dtype");
   // Softmax gradients sum to 0 over each map: sum_i p_i (G_i - sum_j p_j G_j) = 0.
   expect(close(gl.sum({2, 3}), at::zeros({3, 2}, at::kDouble), 1e-12), "softmax gradient sums to zero");
@@ -135,7 +140,8 @@ void test_training_loss() {
   zp.index_put_({1, 1, 4, 2}, z.index({1, 1, 4, 2}).item<double>() + h);
   zm.index_put_({1, 1, 4, 2}, z.index({1, 1, 4, 2}).item<double>() - h);
   const double fd = (loss_of(zp) - loss_of(zm)).item<double>() / (2 * h);
-  expect(std::abs(gl.index({1, 1, 4, 2}).item<double>() - fd) < 1e-8, "loss gradient matches a finite difference");
+  expect(std::abs(gl.index({1, 1, 4, 2}).item<double>() - fd) < 1e-8,
+         "loss gradient matches a finite difference");
   const Tensor t0 = t.clone();
   t.index_put_({2, 0, 1}, t0.index({2, 0, 1}).item<double>() + h);
   const double lp = loss_of(z).item<double>();
@@ -152,21 +158,22 @@ void test_per_map_beta() {
   at::manual_seed(4);
   Tensor z = at::randn({2, 3, 5, 4}, at::kDouble);
   Tensor beta_map = at::tensor({0.7, 1.3, 2.0}, at::kDouble);  // per keypoint (L,)
-  auto outs = fwd.call(z, std::nullopt, std::nullopt, beta_map, std::nullopt, "softmax", 1.0, true, "var", 1.0, "none",
-                       0.0);
-  auto single = fwd.call(z.narrow(1, 2, 1), std::nullopt, std::nullopt, std::nullopt, std::nullopt, "softmax", 2.0,
-                         true, "var", 1.0, "none", 0.0);
-  expect(close(std::get<0>(outs).narrow(1, 2, 1), std::get<0>(single), 1e-14), "beta_map[l] acts as beta for map l");
-  auto [gl, gt, gb] = bwd.call(std::nullopt, std::nullopt, at::ones({2, 3}, at::kDouble), std::nullopt, std::nullopt, z,
-                               std::nullopt, std::nullopt, beta_map, std::nullopt, std::get<0>(outs),
-                               std::get<1>(outs), std::get<5>(outs), "softmax", 1.0, true, "var", 1.0, "none", 0.0,
-                               false, true);
+  auto outs = fwd.call(z, std::nullopt, std::nullopt, beta_map, std::nullopt, "softmax", 1.0, true, "var",
+                       1.0, "none", 0.0);
+  auto single = fwd.call(z.narrow(1, 2, 1), std::nullopt, std::nullopt, std::nullopt, std::nullopt, "softmax",
+                         2.0, true, "var", 1.0, "none", 0.0);
+  expect(close(std::get<0>(outs).narrow(1, 2, 1), std::get<0>(single), 1e-14),
+         "beta_map[l] acts as beta for map l");
+  auto [gl, gt, gb] =
+      bwd.call(std::nullopt, std::nullopt, at::ones({2, 3}, at::kDouble), std::nullopt, std::nullopt, z,
+               std::nullopt, std::nullopt, beta_map, std::nullopt, std::get<0>(outs), std::get<1>(outs),
+               std::get<5>(outs), "softmax", 1.0, true, "var", 1.0, "none", 0.0, false, true);
   const double h = 1e-6;
   auto reg_sum = [&](double b1) {
     Tensor b = beta_map.clone();
     b.index_put_({1}, b1);
-    return std::get<2>(fwd.call(z, std::nullopt, std::nullopt, b, std::nullopt, "softmax", 1.0, true, "var", 1.0,
-                                "none", 0.0))
+    return std::get<2>(fwd.call(z, std::nullopt, std::nullopt, b, std::nullopt, "softmax", 1.0, true, "var",
+                                1.0, "none", 0.0))
         .sum()
         .item<double>();
   };
@@ -199,8 +206,8 @@ void test_bad_inputs() {
       "beta_map", "a beta_map value <= 0 rejected");
   expect_error(
       [] {
-        fwd_op().call(at::zeros({1, 2, 3}), at::zeros({1, 2, 1}), std::nullopt, std::nullopt, std::nullopt, "softmax",
-                      1.0, false, "none", 1.0, "l1", 0.0);
+        fwd_op().call(at::zeros({1, 2, 3}), at::zeros({1, 2, 1}), std::nullopt, std::nullopt, std::nullopt,
+                      "softmax", 1.0, false, "none", 1.0, "l1", 0.0);
       },
       "normalized_coordinates", "a coordinate loss on the pixel grid rejected");
   expect_error([] { dsnt_cuda::parse_normalization("softermax"); }, "softermax", "parse_normalization");

@@ -59,14 +59,10 @@ bool check_shuffles() {
     const int lane = t % 32, warp = t - lane;
     const int in16 = lane & 15;
     const int expected[8] = {
-        10 * (warp + 3),
-        10 * (warp + (lane & ~7) + ((lane + 1) & 7)),
-        in16 >= 2 ? t - 2 : t,
-        lane + 4 < 32 ? t + 4 : t,
-        warp + (lane ^ 5),
-        lane < 16 ? t : t - 16,
-        every_third,
-        lane < 16 ? warp + (lane ^ 1) + 1000 + 10000 : (in16 + 1 < 16 ? t + 1 : t),
+        10 * (warp + 3),       10 * (warp + (lane & ~7) + ((lane + 1) & 7)),
+        in16 >= 2 ? t - 2 : t, lane + 4 < 32 ? t + 4 : t,
+        warp + (lane ^ 5),     lane < 16 ? t : t - 16,
+        every_third,           lane < 16 ? warp + (lane ^ 1) + 1000 + 10000 : (in16 + 1 < 16 ? t + 1 : t),
     };
     for (int k = 0; k < 8; ++k) {
       if (out[8 * t + k] != expected[k]) {
@@ -160,7 +156,8 @@ bool run_ring(bool sync_before_read, bool sync_before_return) {
       const unsigned nx = bx - bx % 2 + next % 2, ny = by - by % 2 + next / 2;
       const unsigned block = by * gx + bx, neighbour = ny * gx + nx;
       ok = ok && ranks[block] == static_cast<int>(10 * rank + 4);
-      for (unsigned t = 0; t < threads; ++t) ok = ok && out[block * threads + t] == static_cast<int>(100 * neighbour + t);
+      for (unsigned t = 0; t < threads; ++t)
+        ok = ok && out[block * threads + t] == static_cast<int>(100 * neighbour + t);
     }
   }
   return ok;
@@ -184,7 +181,8 @@ __global__ void masks_disagree(int* out) {
 }
 
 __global__ void collectives_disagree(int* out) {
-  out[threadIdx.x] = threadIdx.x < 16 ? __shfl_xor_sync(kFull, 1, 1) : static_cast<int>(__ballot_sync(kFull, 1));
+  out[threadIdx.x] =
+      threadIdx.x < 16 ? __shfl_xor_sync(kFull, 1, 1) : static_cast<int>(__ballot_sync(kFull, 1));
 }
 
 __global__ void barrier_after_return(int* out) {
@@ -229,7 +227,8 @@ const std::map<std::string, std::function<bool()>> kCases = {
     {"collectives_disagree", [] { return run_broken(collectives_disagree, kOneWarp); }},
     {"barrier_after_return", [] { return run_broken(barrier_after_return, kTwoWarps); }},
     {"deadlock", [] { return run_broken(deadlock, kTwoWarps); }},
-    {"cluster_too_large", [] { return run_broken(barrier_after_return, {dim3(16), dim3(64), 0, nullptr, dim3(16)}); }},
+    {"cluster_too_large",
+     [] { return run_broken(barrier_after_return, {dim3(16), dim3(64), 0, nullptr, dim3(16)}); }},
     {"smem_overrun", [] { return run_broken(smem_overrun, kOneWarp); }},
 };
 

@@ -58,9 +58,10 @@ using std::log;
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 // Static shared memory would be one array for all blocks and launches, never poisoned.
-#define __shared__                                                                              \
-  static_assert(false, "static __shared__ memory is not emulated: carve it from dynamic_smem<T>() " \
-                       "(csrc/cuda/launch.cuh)");
+#define __shared__                                                                           \
+  static_assert(false,                                                                       \
+                "static __shared__ memory is not emulated: carve it from dynamic_smem<T>() " \
+                "(csrc/cuda/launch.cuh)");
 
 struct dim3 {
   unsigned x, y, z;
@@ -108,7 +109,8 @@ struct WaitQueue {
   void bump() { tick.fetch_add(1, std::memory_order_relaxed); }
   void wake() {
     if (sleepers.load(std::memory_order_relaxed) != 0) {
-      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&tick), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&tick), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr,
+              0);
     }
   }
   void sleep(uint32_t seen) {
@@ -122,8 +124,8 @@ struct WaitQueue {
 // uses, a channel counting its rounds. All lanes of M wait for each other in every round, so none
 // is more than one round ahead and two value slots per channel (by round parity) suffice.
 enum class Op : uint32_t { Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
-constexpr const char* kOpNames[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
-                                    "__ballot_sync", "__any_sync",    "__all_sync",       "__syncwarp"};
+constexpr const char* kOpNames[] = {"__shfl_sync",   "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
+                                    "__ballot_sync", "__any_sync",     "__all_sync",       "__syncwarp"};
 constexpr int kChannels = 8;  // distinct masks one lane may use in a kernel
 
 struct Channel {
@@ -180,8 +182,12 @@ struct Block {
   std::atomic<uint32_t> left{0};  // threads done; the last one retires the shared memory
 
   Block(uint3 i, unsigned r, size_t smem_bytes, unsigned threads)
-      : index(i), rank(r), smem_size(smem_bytes), smem(new unsigned char[smem_bytes]),
-        barrier("__syncthreads", threads), warps(new Warp[(threads + 31) / 32]) {
+      : index(i),
+        rank(r),
+        smem_size(smem_bytes),
+        smem(new unsigned char[smem_bytes]),
+        barrier("__syncthreads", threads),
+        warps(new Warp[(threads + 31) / 32]) {
     std::memset(smem.get(), 0xFF, smem_bytes);
     const unsigned nwarps = (threads + 31) / 32;
     warps[nwarps - 1].lanes = threads - 32 * (nwarps - 1);
@@ -275,7 +281,9 @@ inline int enter(Op op, unsigned mask, uint64_t mine) {
   Warp& w = *t.warp;
   const unsigned lane = t.lane;
   const char* name = kOpNames[static_cast<int>(op)];
-  if (!(mask >> lane & 1u)) fail(std::string(name) + ": lane " + std::to_string(lane) + " calls it with mask " + hex(mask) + ", which leaves it out");
+  if (!(mask >> lane & 1u))
+    fail(std::string(name) + ": lane " + std::to_string(lane) + " calls it with mask " + hex(mask) +
+         ", which leaves it out");
   const unsigned exist = w.lanes == 32 ? ~0u : (1u << w.lanes) - 1;
   if (mask & ~exist) {
     fail(std::string(name) + ": mask " + hex(mask) + " names lanes this warp does not have (it has " +
@@ -284,7 +292,8 @@ inline int enter(Op op, unsigned mask, uint64_t mine) {
   Channel* mine_ch = w.find(lane, mask);
   if (mine_ch == nullptr) {
     const int n = w.used[lane].load(std::memory_order_relaxed);
-    if (n == kChannels) fail(std::string(name) + ": a lane used more than " + std::to_string(kChannels) + " masks");
+    if (n == kChannels)
+      fail(std::string(name) + ": a lane used more than " + std::to_string(kChannels) + " masks");
     mine_ch = &w.channels[lane][n];
     mine_ch->mask.store(mask, std::memory_order_relaxed);
     w.used[lane].store(n + 1, std::memory_order_relaxed);
@@ -300,7 +309,8 @@ inline int enter(Op op, unsigned mask, uint64_t mine) {
     for (unsigned m = 0; m < 32; ++m) {
       if (!(mask >> m & 1u)) continue;
       const Channel* c = w.find(m, mask);
-      if (c == nullptr || c->entered.load(orders ? std::memory_order_acquire : std::memory_order_relaxed) <= round) {
+      if (c == nullptr ||
+          c->entered.load(orders ? std::memory_order_acquire : std::memory_order_relaxed) <= round) {
         return false;
       }
     }
@@ -329,7 +339,8 @@ inline int enter(Op op, unsigned mask, uint64_t mine) {
     const uint32_t theirs = w.find(m, mask)->op[parity].load(std::memory_order_relaxed);
     if (theirs != static_cast<uint32_t>(op)) {
       fail("lanes disagree on collective #" + std::to_string(round) + " of mask " + hex(mask) + ": lane " +
-           std::to_string(lane) + " is in " + name + ", lane " + std::to_string(m) + " in " + kOpNames[theirs]);
+           std::to_string(lane) + " is in " + name + ", lane " + std::to_string(m) + " in " +
+           kOpNames[theirs]);
     }
   }
   return parity;
@@ -366,8 +377,8 @@ template <typename T>
 T shuffle(Op op, unsigned mask, T v, unsigned src) {
   const int parity = enter(op, mask, to_bits(v));
   if (!(mask >> src & 1u)) {
-    fail(std::string(kOpNames[static_cast<int>(op)]) + ": lane " + std::to_string(lane_id()) + " reads lane " +
-         std::to_string(src) + ", which is not in mask " + hex(mask));
+    fail(std::string(kOpNames[static_cast<int>(op)]) + ": lane " + std::to_string(lane_id()) +
+         " reads lane " + std::to_string(src) + ", which is not in mask " + hex(mask));
   }
   return from_bits<T>(value_of(src, mask, parity));
 }
@@ -459,12 +470,14 @@ inline void launch(dim3 grid, dim3 block, size_t smem, dim3 cluster, const std::
     refuse("cluster dims must divide the grid dims");
   }
   const unsigned cluster_size = cluster.x * cluster.y * cluster.z;
-  if (cluster_size > 8) refuse("cluster of " + std::to_string(cluster_size) + " blocks; at most 8 are portable");
+  if (cluster_size > 8)
+    refuse("cluster of " + std::to_string(cluster_size) + " blocks; at most 8 are portable");
   if (smem > 227 * 1024) refuse("dynamic shared memory above sm_90's 227 KB per block");
 
   Launch state;
   state.timeout_s = env_number("DSNT_EMU_TIMEOUT", 60);
-  const unsigned per_wave = std::max(1u, static_cast<unsigned>(env_number("DSNT_EMU_BLOCKS", 4)) / cluster_size);
+  const unsigned per_wave =
+      std::max(1u, static_cast<unsigned>(env_number("DSNT_EMU_BLOCKS", 4)) / cluster_size);
   const dim3 clusters(grid.x / cluster.x, grid.y / cluster.y, grid.z / cluster.z);
   const uint64_t total = uint64_t{clusters.x} * clusters.y * clusters.z;
   for (uint64_t first = 0; first < total && !state.failed.load(); first += per_wave) {
@@ -514,7 +527,8 @@ template <typename T>
 T __shfl_sync(unsigned mask, T v, int src_lane, int width = warpSize) {
   emu::check_width("__shfl_sync", width);
   const unsigned lane = emu::lane_id();
-  return emu::shuffle(emu::Op::Shfl, mask, v, (lane & ~(width - 1u)) + (static_cast<unsigned>(src_lane) & (width - 1u)));
+  return emu::shuffle(emu::Op::Shfl, mask, v,
+                      (lane & ~(width - 1u)) + (static_cast<unsigned>(src_lane) & (width - 1u)));
 }
 
 template <typename T>
@@ -528,7 +542,8 @@ template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
   emu::check_width("__shfl_down_sync", width);
   const unsigned lane = emu::lane_id();
-  return emu::shuffle(emu::Op::ShflDown, mask, v, (lane & (width - 1u)) + delta < unsigned(width) ? lane + delta : lane);
+  return emu::shuffle(emu::Op::ShflDown, mask, v,
+                      (lane & (width - 1u)) + delta < unsigned(width) ? lane + delta : lane);
 }
 
 // A lane may read an earlier width-group, not a later one (it gets its own value then).
@@ -540,9 +555,13 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
   return emu::shuffle(emu::Op::ShflXor, mask, v, src >= (lane & ~(width - 1u)) + width ? lane : src);
 }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate) { return emu::vote(emu::Op::Ballot, mask, predicate); }
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return emu::vote(emu::Op::Ballot, mask, predicate);
+}
 inline int __any_sync(unsigned mask, int predicate) { return emu::vote(emu::Op::Any, mask, predicate) != 0; }
-inline int __all_sync(unsigned mask, int predicate) { return emu::vote(emu::Op::All, mask, predicate) == mask; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return emu::vote(emu::Op::All, mask, predicate) == mask;
+}
 
 // Relaxed, as CUDA's atomics: no ordering of other memory.
 template <typename T>
