@@ -5,13 +5,15 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <mutex>
 
 #include "dsnt_ops.h"
 #include "launchers.h"
 #include "torch_launch.cuh"
 
 #ifndef DSNT_CUDA_EMULATION
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
 #endif
 
 namespace dsnt_cuda {
@@ -93,6 +95,29 @@ LaunchPlan plan_with(const PlanInput& in, DeviceInfo dev) {
 
 // The plan of a call, and whether it runs the standard-loss kernel (`standard_modes`: the
 // options allow it; the layout must too).
+#ifndef DSNT_CUDA_EMULATION
+// What the planner needs of a GPU, read once per device from the runtime (not through
+// ATen/cuda/CUDAContext.h, which needs the cuSPARSE / cuBLAS headers an nvcc-only toolkit lacks).
+struct DeviceAttributes {
+  int sms = 0, major = 0, max_smem_per_cta = 0;
+};
+
+inline const DeviceAttributes& device_attributes(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceAttributes cache[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "dsnt_cuda: CUDA device index ", device, " out of range");
+  std::call_once(once[device], [device] {
+    DeviceAttributes& a = cache[device];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&a.max_smem_per_cta, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  });
+  return cache[device];
+}
+#endif
+
 template <bool kBackward, typename scalar_t>
 LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g, bool standard_modes, bool& standard) {
   PlanInput in;
@@ -109,11 +134,11 @@ LaunchPlan plan_for(const at::Tensor& logits, const MapGeometry& g, bool standar
 #ifdef DSNT_CUDA_EMULATION
   dev.sms = 2;
 #else
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(logits.device().index());
-  dev.sms = prop->multiProcessorCount;
-  dev.clusters = prop->major >= 9;
+  const DeviceAttributes& attr = device_attributes(logits.device().index());
+  dev.sms = attr.sms;
+  dev.clusters = attr.major >= 9;
   dev.max_cluster = dev.clusters ? 16 : 1;
-  dev.max_smem_per_cta = static_cast<int>(prop->sharedMemPerBlockOptin);
+  dev.max_smem_per_cta = attr.max_smem_per_cta;
 #endif
   if constexpr (kHasStandard<scalar_t>) {
     if (standard_modes) {

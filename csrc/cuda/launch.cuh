@@ -52,7 +52,10 @@ void launch(void (*kernel)(Params...), const LaunchConfig& c, Args&&... args) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(c.smem)));
   }
   if (c.cluster.x * c.cluster.y * c.cluster.z == 1) {
-    kernel<<<c.grid, c.block, c.smem, c.stream> > >(std::forward<Args>(args)...);
+    // clang-format splits the closing >>> of a launch in a header
+    // clang-format off
+    kernel<<<c.grid, c.block, c.smem, c.stream>>>(std::forward<Args>(args)...);
+    // clang-format on
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
