@@ -153,7 +153,8 @@ STEPS=(info build test-cuda test-triton sanitizer-memcheck sanitizer-racecheck s
 # seconds; test-rest (0) gets what is left of the budget
 declare -A LIMIT=([info]=10 [build]=160 [test-cuda]=45 [test-triton]=55 [sanitizer-memcheck]=25
   [sanitizer-racecheck]=25 [sanitizer-synccheck]=15 [sanitizer-initcheck]=25 [bench]=90 [test-rest]=0)
-for kv in ${GPU_CHECK_LIMITS//,/ }; do LIMIT[${kv%%=*}]="${kv#*=}"; done
+limits="${GPU_CHECK_LIMITS:-}"
+for kv in ${limits//,/ }; do LIMIT[${kv%%=*}]="${kv#*=}"; done
 BUDGET="${GPU_CHECK_BUDGET:-450}"
 MIN_STEP_S=5  # a step with less than this left is not started
 KILL_GRACE_S=5  # after TERM at its limit, a step gets this long before KILL
