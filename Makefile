@@ -82,8 +82,9 @@ overhead: build
 cuda-report: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/cuda_report.sh
 
-# On the GPU machine: its own python3 (no venv, no network), build, CUDA/Triton tests,
-# compute-sanitizer, benchmark; results under $$OUT.
+# On a 16-core GPU machine, one command within 8 minutes (a 450 s budget, per-step limits): its
+# own python3 (no venv, no network), build, CUDA/Triton tests, compute-sanitizer (4 tools),
+# benchmark, then the rest of the suite if time remains; at most 6 files under $$OUT.
 gpu-check:
 	bash scripts/gpu_check.sh
 

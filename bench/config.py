@@ -13,6 +13,7 @@ SHAPES = {
     "wholebody": (64, 133, 64, 48),
     "face": (256, 98, 64, 64),
     "volume3d": (16, 17, 64, 64, 64),
+    "batch1": (1, 17, 64, 48),  # launch-bound: one image
     # a CPU benchmark shape of docs/performance.md §2: 3-D, as many logits as pose2d
     "lowres3d": (32, 16, 16, 16, 16),
     # not benchmark shapes: for the smoke test and quick checks

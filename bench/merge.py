@@ -1,4 +1,4 @@
-"""Upsert the rows of other results CSVs (say, the GPU machine's $OUT/results.csv) into ours.
+"""Upsert the rows of other results CSVs (say, the GPU machine's $OUT/bench.csv) into ours.
 
 python -m bench.merge SRC.csv [SRC2.csv ...] [--into bench/results/results.csv]
 """

@@ -1,228 +1,238 @@
 #!/usr/bin/env bash
-# The one script for the GPU machine (`make gpu-check`): build in place with the machine's own
-# python3 (no venv, no network), record the device, run the CUDA / Triton GPU tests, the rest of
-# the suite, compute-sanitizer (memcheck, racecheck, initcheck) over a small driver, and the
-# benchmark. Everything goes under ${OUT:-gpu-results}: one log per step, junit XML, summary.md.
+# The one script for a lent GPU machine (`make gpu-check`): a fresh 16-core H100/H200 box, its own
+# python3 with torch, no venv, no network. One command of at most 8 minutes: build, the CUDA and
+# Triton GPU tests, compute-sanitizer (memcheck, racecheck, synccheck, initcheck), the benchmark,
+# then the rest of the suite if time remains. Results under $OUT (at most 8 plain files):
+#   summary.md    table of steps: status, seconds, limit, pytest counts; device, torch, date
+#   gpu_check.log every step's output (its tail when long) under a header
+#   device.txt    device, driver, torch / CUDA / triton versions, nvidia-smi, nvcc
+#   junit.xml     every pytest run's results, merged
+#   bench.csv     benchmark rows (bench/run.py's results.csv), bench.md its markdown table
 #
-# Never stops halfway: each step records its status and the script goes on; the exit status is
-# non-zero when any step failed. summary.md is rewritten after every step, so a run cut short
-# (the device tool's 10-minute limit) still leaves the results so far.
+# Time: a total budget (GPU_CHECK_BUDGET, default 450 s) and a limit per step (LIMIT below, which
+# adds up to 450 s). A step is killed at its limit or when the budget is spent (`timeout`); a step
+# that would start with under MIN_STEP_S left is "not run (time budget)". summary.md is rewritten
+# after each step, so a run cut short still reports. Exit status 1 when any step failed or did
+# not run.
 #
 # Knobs (environment):
-#   OUT=dir                  results directory (default gpu-results)
-#   PYTHON=python3           interpreter with torch
-#   GPU_CHECK_STEPS=...      comma list, default: info,build,test-cuda,test-triton,sanitizer,test-rest,bench
-#   GPU_CHECK_STEP_TIMEOUT=s per-step limit in seconds (default 900; `timeout` kills the step)
-#   BENCH_ARGS="..."         default: --device cuda --full
+#   OUT=dir                   results (default gpu-results)
+#   PYTHON=python3            interpreter with torch
+#   GPU_CHECK_BUDGET=450      total seconds
+#   GPU_CHECK_LIMITS=a=s,...  per-step limits, e.g. build=200,bench=60
+#   GPU_CHECK_STEPS=a,b,...   run only these steps (others: "skipped (not selected)");
+#                             "sanitizer" selects its four tools
+#   GPU_CHECK_CMD_<step>=...  (step with '_' for '-') a shell command run instead of the step: the
+#                             dry run of tests/test_gpu_scripts_dry_run.py fakes steps with it
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-gpu-results}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
 PYTHON="${PYTHON:-python3}"
-export OUT PYTHON
-STEPS="${GPU_CHECK_STEPS:-info,build,test-cuda,test-triton,sanitizer,test-rest,bench}"
-STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-900}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-16}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+export PYTHON PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+unset DSNT_GPU_TESTS_ON TRITON_INTERPRET # the GPU itself, never the CPU dry run of the GPU tests
 
-STATUS_FILE="$OUT/steps.tsv"
-: >"$STATUS_FILE"
-START_DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-any_failed=0
+# ----------------------------------------------------------------------------------------------
+# The steps, one function each, run as `gpu_check.sh --step NAME` in a child that `timeout` kills.
+# JUNIT_DIR (each step's pytest XML) and BENCH_DIR are set by the parent.
 
-want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-
-# junit counts of a pytest XML: "passed failed errors skipped"
-junit_counts() {
-  "$PYTHON" - "$1" <<'PY' 2>/dev/null || echo "- - - -"
-import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-t = sum(int(s.get("tests", 0)) for s in suites)
-f = sum(int(s.get("failures", 0)) for s in suites)
-e = sum(int(s.get("errors", 0)) for s in suites)
-k = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - f - e - k, f, e, k)
-PY
+pytest_run() { # pytest_run XML_NAME ARGS...: pytest with its XML in the step's JUNIT_DIR
+  local xml="$1"
+  shift
+  "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$JUNIT_DIR/$xml.xml" "$@"
 }
 
-write_summary() {
+step_info() {
   {
-    echo "# dsnt_cuda GPU check"
-    echo
-    echo "- started: $START_DATE; updated: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "- host: $(hostname)"
-    echo "- device: $(cat "$OUT/device.txt" 2>/dev/null | head -n 1 || echo unknown)"
-    echo "- torch: $(cat "$OUT/torch_version.txt" 2>/dev/null || echo unknown)"
-    echo "- git: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
-    echo
-    echo "| step | status | seconds | passed | failed | errors | skipped | log |"
-    echo "|---|---|---|---|---|---|---|---|"
-    while IFS=$'\t' read -r name st secs counts log; do
-      read -r p f e k <<<"$counts"
-      echo "| $name | $st | $secs | ${p:--} | ${f:--} | ${e:--} | ${k:--} | $log |"
-    done <"$STATUS_FILE"
-    echo
-    if [ $any_failed -eq 0 ]; then echo "**All steps passed (so far).**"; else echo "**Some steps FAILED.**"; fi
-    for log in "$OUT"/sanitizer-*.log; do
-      [ -e "$log" ] || continue
-      echo
-      echo "$(basename "$log"): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer driver:" "$log" | tr '\n' ' ')"
-    done
-  } >"$OUT/summary.md"
-}
-
-# run_step NAME JUNIT(or -) COMMAND...
-run_step() {
-  local name="$1" junit="$2"
-  shift 2
-  local log="$OUT/$name.log"
-  echo "=== [$name] $(date -u +%H:%M:%S) $*" | tee "$log"
-  local t0=$SECONDS
-  if declare -F "$1" >/dev/null; then
-    # a shell function of this script: run it in a child bash that `timeout` can kill
-    timeout --signal=TERM --kill-after=30 "$STEP_TIMEOUT" bash -c "$(declare -f "$1"); $1" >>"$log" 2>&1
-  else
-    timeout --signal=TERM --kill-after=30 "$STEP_TIMEOUT" "$@" >>"$log" 2>&1
-  fi
-  local rc=$?
-  local secs=$((SECONDS - t0))
-  local counts="- - - -"
-  if [ "$junit" != "-" ] && [ -f "$junit" ]; then counts="$(junit_counts "$junit")"; fi
-  local st="ok"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    st="TIMEOUT"
-  elif [ $rc -ne 0 ]; then
-    st="FAIL(rc=$rc)"
-  fi
-  # pytest exit 5 = nothing collected: not a failure of the code under test, but say so
-  if [ $rc -eq 5 ] && [ "$junit" != "-" ]; then st="no tests"; fi
-  # On this machine the GPU tests must run: all skipped means no GPU or a build without CUDA.
-  case "$name" in
-    test-cuda | test-triton)
-      read -r p_ _ _ k_ <<<"$counts"
-      if [ "$st" = ok ] && [ "$p_" = 0 ] && [ "$k_" != 0 ]; then st="ALL SKIPPED"; any_failed=1; fi
-      ;;
-  esac
-  [ "$st" != "ok" ] && [ "$st" != "no tests" ] && any_failed=1
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$st" "$secs" "$counts" "$(basename "$log")" >>"$STATUS_FILE"
-  echo "=== [$name] $st in ${secs}s ($counts: passed failed errors skipped)" | tee -a "$log"
-  write_summary
-  return 0
-}
-
-skip_step() {
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "skipped: $2" "0" "- - - -" "-" >>"$STATUS_FILE"
-  echo "=== [$1] skipped: $2"
-  write_summary
-}
-
-# ---------------------------------------------------------------------------------------------
-"$PYTHON" -c "import torch; print(torch.__version__)" >"$OUT/torch_version.txt" 2>/dev/null ||
-  echo "no torch" >"$OUT/torch_version.txt"
-(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
-  echo "no GPU (nvidia-smi failed)") | head -n 1 >"$OUT/device.txt"
-
-if want info; then
-  info() {
-    date -u
-    nvidia-smi || echo "nvidia-smi failed"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
-    nvcc --version || true
-    command -v compute-sanitizer || echo "compute-sanitizer not on PATH"
-    "$PYTHON" - <<'PY'
-import platform, torch
-print("python", platform.python_version())
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
-          round(p.total_memory / 2**30, 1), "GiB")
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
+    echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+    echo "git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' + local changes')"
+    "$PYTHON" -c 'import platform, torch
+print("python:", platform.python_version())
+print("torch:", torch.__version__)
+print("cuda:", torch.version.cuda)
+print("gpu_available:", torch.cuda.is_available())
 try:
     import triton
-    print("triton", triton.__version__)
+    print("triton:", triton.__version__)
 except ImportError:
-    print("triton not installed")
-PY
-  }
-  run_step info - info
-fi
+    print("triton: not installed")'
+    echo "cpus: $(nproc)"
+    echo "sanitizer: $(find_sanitizer || echo 'not found')"
+    echo
+    nvidia-smi || echo "nvidia-smi failed"
+    nvcc --version || echo "nvcc not on PATH"
+  } 2>&1 | tee "$OUT/device.txt"
+}
 
-if want build; then
-  build() {
-    # The in-place build against this machine's torch (a build from another machine cannot be
-    # carried over); ninja reuses objects from an earlier run on the same machine.
-    "$PYTHON" setup.py build_ext --inplace &&
-      "$PYTHON" -c "import dsnt_cuda, json; print(json.dumps(dsnt_cuda.build_info()))"
-  }
-  run_step build - build
-fi
+step_build() {
+  # In place against this machine's torch (nothing built elsewhere can be carried over); then
+  # make sure the CUDA kernels are in it (setup.py builds without them when it finds no nvcc).
+  "$PYTHON" setup.py build_ext --inplace &&
+    "$PYTHON" -c 'import json, dsnt_cuda
+from dsnt_cuda import _extension
+print(json.dumps(_extension.build_info()))
+assert _extension.has_kernel("dsnt_fwd", "CUDA"), "built without the CUDA kernels"'
+}
 
-if want test-cuda; then
-  run_step test-cuda "$OUT/junit-test-cuda.xml" \
-    "$PYTHON" -m pytest -q -rfEs tests/test_ops_cuda.py tests/test_edge_cases.py \
-    --junitxml="$OUT/junit-test-cuda.xml"
-fi
+# test_edge_cases.py runs on every (backend, device) of the process: ids like "cuda-cuda" select
+# one backend on the GPU. Its CPU part runs in `make test`.
+step_test_cuda() {
+  local rc=0
+  pytest_run ops_cuda tests/test_ops_cuda.py || rc=1
+  pytest_run edge_cases_cuda tests/test_edge_cases.py -k cuda-cuda || rc=1
+  return $rc
+}
 
-if want test-triton; then
-  if [ -f tests/test_triton_gpu.py ]; then
-    run_step test-triton "$OUT/junit-test-triton.xml" \
-      "$PYTHON" -m pytest -q -rfEs tests/test_triton_gpu.py --junitxml="$OUT/junit-test-triton.xml"
-  else
-    skip_step test-triton "tests/test_triton_gpu.py not present"
-  fi
-fi
+step_test_triton() {
+  local rc=0
+  pytest_run triton_gpu tests/test_triton_gpu.py || rc=1
+  pytest_run edge_cases_triton tests/test_edge_cases.py -k triton-cuda || rc=1
+  return $rc
+}
 
-# compute-sanitizer may live in the toolkit without being on PATH.
-SANITIZER="$(command -v compute-sanitizer 2>/dev/null || true)"
-if [ -z "$SANITIZER" ]; then
-  for c in "${CUDA_HOME:-/nonexistent}/bin" "${CUDA_HOME:-/nonexistent}/compute-sanitizer" /usr/local/cuda/bin \
-    /usr/local/cuda/compute-sanitizer /usr/local/cuda-*/bin /usr/local/cuda-*/compute-sanitizer; do
-    if [ -x "$c/compute-sanitizer" ]; then SANITIZER="$c/compute-sanitizer"; break; fi
+find_sanitizer() { # on PATH or in the toolkit
+  local c
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/none}"/{bin,compute-sanitizer}/compute-sanitizer \
+    /usr/local/cuda{,-*}/{bin,compute-sanitizer}/compute-sanitizer; do
+    [ -x "$c" ] && echo "$c" && return 0
   done
-fi
+  return 1
+}
 
-if want sanitizer; then
-  if [ -n "$SANITIZER" ]; then
-    # --error-exitcode makes any reported hazard fail the step (memcheck: out-of-bounds and
-    # misaligned accesses; racecheck: shared-memory hazards of the block reductions and tables).
-    run_step sanitizer-memcheck - "$SANITIZER" --tool memcheck --leak-check no --error-exitcode 3 \
-      "$PYTHON" scripts/sanitizer_driver.py
-    run_step sanitizer-racecheck - "$SANITIZER" --tool racecheck --racecheck-report hazard \
-      --error-exitcode 3 "$PYTHON" scripts/sanitizer_driver.py
-    # initcheck also sees PyTorch's own kernels (which may read memory they did not write):
-    # informational, its exit status is the driver's.
-    run_step sanitizer-initcheck - "$SANITIZER" --tool initcheck "$PYTHON" scripts/sanitizer_driver.py
-  else
-    skip_step sanitizer "compute-sanitizer not found"
-    any_failed=1
-  fi
-fi
+# Any hazard fails the step (--error-exitcode). racecheck, synccheck and initcheck look at the
+# dsnt_* kernels only: torch's own kernels are not ours to check, and skipping them saves time.
+step_sanitizer() { # step_sanitizer TOOL
+  local tool="$1" sanitizer
+  sanitizer="$(find_sanitizer)" || { echo "compute-sanitizer not found"; return 2; }
+  local args=(--tool "$tool" --error-exitcode 3)
+  case "$tool" in
+    memcheck) args+=(--leak-check no) ;;
+    racecheck) args+=(--racecheck-report hazard --kernel-name kns=dsnt_) ;;
+    *) args+=(--kernel-name kns=dsnt_) ;;
+  esac
+  "$sanitizer" "${args[@]}" "$PYTHON" scripts/sanitizer_driver.py --quick
+}
 
-# Not the CUDA emulation (tests/cuda_emulation/): it stands in for a GPU, and its sanitizer builds
-# would take minutes of the GPU machine's time.
-if want test-rest; then
-  run_step test-rest "$OUT/junit-test-rest.xml" \
-    "$PYTHON" -m pytest -q -rfE tests --ignore=tests/test_ops_cuda.py --ignore=tests/test_triton_gpu.py \
+# The standard GPU shapes (docs/performance.md §2), float32 and bfloat16, inference and training,
+# fused backends against the eager reference; then torch.compile (a cold compile per case, the
+# costly part) and dsntnn (when installed) on pose2d training, the targets' shape.
+step_bench() {
+  local shapes=pose2d,wholebody,face,volume3d,batch1
+  "$PYTHON" -m bench.run --device cuda --shapes "$shapes" --dtypes float32,bfloat16 \
+    --providers cuda,triton,reference --compile-cache --out "$BENCH_DIR" &&
+    "$PYTHON" -m bench.run --device cuda --shapes pose2d --dtypes float32 --modes training \
+      --providers cuda,reference-compile,dsntnn --out "$BENCH_DIR"
+}
+
+# The rest of the suite on this machine (the GPU files above, the CPU emulation of the CUDA
+# kernels and this script's own dry run left out).
+step_test_rest() {
+  pytest_run rest tests --ignore=tests/test_ops_cuda.py --ignore=tests/test_triton_gpu.py \
     --ignore=tests/test_edge_cases.py --ignore=tests/test_triton_interpreter.py \
     --ignore=tests/test_cuda_emulator.py --ignore=tests/test_cuda_emulated.py \
-    --ignore=tests/test_cuda_emulated_sanitized.py --junitxml="$OUT/junit-test-rest.xml"
+    --ignore=tests/test_cuda_emulated_sanitized.py --ignore=tests/test_gpu_scripts_dry_run.py
+}
+
+if [ "${1:-}" = --step ]; then
+  fake="GPU_CHECK_CMD_${2//-/_}"
+  [ -n "${!fake:-}" ] && exec bash -c "${!fake}"
+  case "$2" in
+    sanitizer-*) step_sanitizer "${2#sanitizer-}" ;;
+    *) "step_${2//-/_}" ;;
+  esac
+  exit
 fi
 
-if want bench; then
-  if [ -f bench/run.py ]; then
-    # shellcheck disable=SC2086
-    run_step bench - "$PYTHON" -m bench.run ${BENCH_ARGS:---device cuda --full} --out "$OUT/bench"
-  else
-    skip_step bench "bench/run.py not present"
+# ----------------------------------------------------------------------------------------------
+# The parent: the watchdog and the bookkeeping.
+
+STEPS=(info build test-cuda test-triton sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck
+  sanitizer-initcheck bench test-rest)
+# seconds; test-rest (0) gets what is left of the budget
+declare -A LIMIT=([info]=10 [build]=160 [test-cuda]=45 [test-triton]=55 [sanitizer-memcheck]=25
+  [sanitizer-racecheck]=25 [sanitizer-synccheck]=15 [sanitizer-initcheck]=25 [bench]=90 [test-rest]=0)
+limits="${GPU_CHECK_LIMITS:-}"
+for kv in ${limits//,/ }; do LIMIT[${kv%%=*}]="${kv#*=}"; done
+BUDGET="${GPU_CHECK_BUDGET:-450}"
+MIN_STEP_S=5  # a step with less than this left is not started
+KILL_GRACE_S=5  # after TERM at its limit, a step gets this long before KILL
+
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+export OUT WORK
+: >"$OUT/gpu_check.log"
+any_failed=0
+
+selected() {
+  [ -z "${GPU_CHECK_STEPS:-}" ] && return 0
+  case ",$GPU_CHECK_STEPS," in *",$1,"* | *",${1%%-*},"*) return 0 ;; *) return 1 ;; esac
+}
+
+record() { # record NAME STATUS SECONDS LIMIT COUNTS NOTE: a row of the table, summary rewritten
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$WORK/steps.tsv"
+  case "$2" in ok | skipped*) ;; *) any_failed=1 ;; esac
+  "$PYTHON" scripts/gpu_check_report.py summary "$OUT" "$WORK" "${STEPS[@]}"
+  echo "=== [$1] $2 (${3}s of ${4}s)"
+}
+
+append_log() { # append_log NAME STATUS LOG: the step's output, its tail when long
+  local lines
+  lines=$(wc -l <"$3")
+  {
+    echo "===== [$1] $2 ====="
+    if [ "$lines" -gt 4000 ]; then
+      echo "... first $((lines - 4000)) of $lines lines left out ..."
+      tail -n 4000 "$3"
+    else
+      cat "$3"
+    fi
+    echo
+  } >>"$OUT/gpu_check.log"
+}
+
+step_note() { # a few words for the table from the step's log
+  case "$1" in
+    sanitizer-*) grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer driver:|not found" "$2" | tr -s '\n=' '  ' | sed 's/^ *//' ;;
+    bench) [ -f "$OUT/bench.csv" ] && echo "$(($(wc -l <"$OUT/bench.csv") - 1)) rows in bench.csv" ;;
+    build) grep -m1 -E "^\{.*\}$|Error|error:" "$2" | cut -c1-160 ;;
+  esac
+}
+
+run_step() {
+  local name="$1" left=$((BUDGET - SECONDS)) limit="${LIMIT[$1]}"
+  if ! selected "$name"; then record "$name" "skipped (not selected)" 0 0 "- - - -" ""; return; fi
+  if [ "$left" -lt "$MIN_STEP_S" ]; then record "$name" "not run (time budget)" 0 0 "- - - -" ""; return; fi
+  if [ "$limit" -le 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+  export JUNIT_DIR="$WORK/junit-$name" BENCH_DIR="$WORK/bench"
+  mkdir -p "$JUNIT_DIR" "$BENCH_DIR"
+  local log="$WORK/$name.log" t0=$SECONDS rc
+  echo "=== [$name] started $(date -u +%H:%M:%S), limit ${limit}s"
+  timeout --kill-after="$KILL_GRACE_S" "$limit" bash "$0" --step "$name" >"$log" 2>&1
+  rc=$?
+  local secs=$((SECONDS - t0)) status=ok counts
+  counts="$("$PYTHON" scripts/gpu_check_report.py counts "$JUNIT_DIR")"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    status="TIMEOUT (killed at ${limit}s)"
+  elif [ $rc -ne 0 ]; then
+    status="FAIL (rc=$rc)"
+  elif [[ "$name" = test-cuda || "$name" = test-triton ]] && [ "${counts%% *}" = 0 ]; then
+    status="ALL SKIPPED" # no GPU, or a build without the CUDA kernels: not a pass here
   fi
-fi
+  if [ "$name" = bench ]; then
+    cp "$BENCH_DIR/results.csv" "$OUT/bench.csv" 2>/dev/null
+    cp "$BENCH_DIR/latest_cuda.md" "$OUT/bench.md" 2>/dev/null
+  fi
+  append_log "$name" "$status" "$log"
+  record "$name" "$status" "$secs" "$limit" "$counts" "$(step_note "$name" "$log")"
+}
 
-write_summary
+echo "gpu_check: budget ${BUDGET}s, results in $OUT"
+"$PYTHON" scripts/gpu_check_report.py summary "$OUT" "$WORK" "${STEPS[@]}"
+for step in "${STEPS[@]}"; do run_step "$step"; done
 echo
 cat "$OUT/summary.md"
 exit $any_failed

@@ -1,12 +1,15 @@
-"""A small, complete workout of the CUDA kernels for compute-sanitizer (memcheck, racecheck).
+"""A small, complete workout of the CUDA kernels for compute-sanitizer (memcheck, racecheck,
+synccheck, initcheck).
 
-Every size class (warp <= 512 < block <= 4096 < streamed), every dtype, every normalization and
-regularizer (with the masked euclidean loss), vector and scalar (misaligned) loads, forward and
-backward, once each, on shapes
-small enough for the sanitizers' slowdown. Exits non-zero if an op raises or a result is not
-finite where it must be.
+Every size class (warp, block, cluster and streamed, the last two also forced), every dtype, every
+normalization and regularizer (with the masked euclidean loss), vector and scalar (misaligned)
+loads, forward and backward, on shapes small enough for the sanitizers' slowdown. Exits non-zero
+if an op raises or a result is not finite where it must be.
 
-    compute-sanitizer --tool memcheck python3 scripts/sanitizer_driver.py
+    compute-sanitizer --tool memcheck python3 scripts/sanitizer_driver.py [--quick]
+
+--quick (scripts/gpu_check.sh, four tools in about a minute and a half) keeps every shape, dtype,
+mode and the misaligned loads, each at least once, rather than every combination on float32.
 
 DSNT_GPU_TESTS_ON=cpu runs the same cases on the CPU kernels (tests/test_gpu_scripts_dry_run.py
 does, so this script's own code runs without a GPU).
@@ -21,14 +24,17 @@ from dsnt_cuda.backends import dsnt_forward
 
 DEV = os.environ.get("DSNT_GPU_TESTS_ON", "cuda")
 BACKEND = "cuda" if DEV == "cuda" else "cpu"  # the C++ kernels of that device, never a fallback
+# name: (shape, size class forced through DSNT_CUDA_FORCE_CLASS or None for the automatic one)
 SHAPES = {
-    "warp": (2, 9, 16, 16),  # 18 maps: more than one 8-map block, a partial last block
-    "warp-odd": (2, 3, 7, 5),
-    "block": (2, 2, 40, 41),
-    "block-3d": (1, 2, 16, 16, 16),
-    "stream": (1, 2, 70, 70),
-    "stream-1d": (1, 1, 9001),  # odd length; axis above the table cap: target on the fly
-    "stream-3d": (1, 1, 20, 20, 21),  # 3-D streamed, target tabulated
+    "warp": ((2, 9, 16, 16), None),  # 18 maps: more than one 8-map block, a partial last block
+    "warp-odd": ((2, 3, 7, 5), None),
+    "block": ((2, 2, 40, 41), None),
+    "block-3d": ((1, 2, 16, 16, 16), None),
+    "stream": ((1, 2, 70, 70), None),
+    "cluster": ((1, 2, 70, 70), "cluster"),
+    "streamed": ((1, 2, 70, 70), "streamed"),
+    "stream-1d": ((1, 1, 9001), None),  # odd length; axis above the table cap: target on the fly
+    "stream-3d": ((1, 1, 20, 20, 21), None),  # 3-D streamed, target tabulated
 }
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MODES = (("softmax", "js"), ("abs", "kl"), ("relu", "var"), ("sigmoid", "none"), ("none", "js"))
@@ -72,25 +78,45 @@ def run(shape, dtype, normalization, reg, misaligned=False):
     return ok
 
 
+def full_cases():
+    """All modes on float32 (softmax/js also misaligned), one mode per other dtype, every shape."""
+    for name in SHAPES:
+        for d, dtype in enumerate(DTYPES):
+            for i, mode in enumerate(MODES):
+                if dtype != torch.float32 and i != d % len(MODES):
+                    continue
+                for misaligned in (False, True) if dtype == torch.float32 and i == 0 else (False,):
+                    yield name, dtype, mode, misaligned
+
+
+def quick_cases():
+    """Each shape once on float32 (the modes in turn), misaligned loads on the first shape, each
+    other dtype on a different shape: every shape, dtype and mode at least once."""
+    for k, name in enumerate(SHAPES):
+        yield name, torch.float32, MODES[k % len(MODES)], k == 0
+    for d, dtype in enumerate(DTYPES[1:], start=1):
+        yield list(SHAPES)[2 * d], dtype, MODES[d], False
+
+
 def main():
     failures = 0
     count = 0
-    for name, shape in SHAPES.items():
-        for dtype in DTYPES:
-            for i, (normalization, reg) in enumerate(MODES):
-                # all modes on float32; one mode per other dtype keeps the sanitizers quick
-                if dtype != torch.float32 and i != (DTYPES.index(dtype) % len(MODES)):
-                    continue
-                for misaligned in (False, True) if dtype == torch.float32 and i == 0 else (False,):
-                    count += 1
-                    try:
-                        ok = run(shape, dtype, normalization, reg, misaligned)
-                    except Exception as error:  # noqa: BLE001  (report and go on)
-                        ok = False
-                        print(f"ERROR {name} {dtype} {normalization}/{reg} misaligned={misaligned}: {error}")
-                    if not ok:
-                        failures += 1
-                        print(f"FAIL {name} {shape} {dtype} {normalization}/{reg} misaligned={misaligned}")
+    cases = quick_cases() if "--quick" in sys.argv else full_cases()
+    for name, dtype, (normalization, reg), misaligned in cases:
+        shape, size_class = SHAPES[name]
+        os.environ.pop("DSNT_CUDA_FORCE_CLASS", None)
+        if size_class is not None:
+            os.environ["DSNT_CUDA_FORCE_CLASS"] = size_class  # read by the CUDA host at each launch
+        count += 1
+        try:
+            ok = run(shape, dtype, normalization, reg, misaligned)
+        except Exception as error:  # noqa: BLE001  (report and go on)
+            ok = False
+            print(f"ERROR {name} {dtype} {normalization}/{reg} misaligned={misaligned}: {error}")
+        if not ok:
+            failures += 1
+            print(f"FAIL {name} {shape} {dtype} {normalization}/{reg} misaligned={misaligned}")
+    os.environ.pop("DSNT_CUDA_FORCE_CLASS", None)
     # empty inputs launch nothing
     for shape in ((0, 3, 16, 16), (2, 0, 100)):
         count += 1
