@@ -1,9 +1,18 @@
 """Fixtures over the backends this process runs (tests/support.py finds them at run time), and
 the CUDA kernels' forced size class."""
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from support import BACKEND_CASES, CPU_BACKENDS
+
+# Property tests draw the same examples on every run (CI must not change its verdict from one run
+# to the next); HYPOTHESIS_PROFILE=explore draws fresh ones, to look for new failures.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=CPU_BACKENDS)
