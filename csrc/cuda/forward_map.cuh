@@ -158,7 +158,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
     ms.div_a = keep_e ? r[5] : r[3];
     ms.div_b = keep_e ? r[3] : r[4];
     ms.div_c = r[4];
-    write_map_outputs(output_args(a), m, ms, sigma_t);
+    write_map_outputs<kStandard>(output_args(a), m, ms, sigma_t);
   }
 }
 

@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       ms.div_a = scaled_js ? r[5] : r[3];
       ms.div_b = scaled_js ? r[3] : r[4];
       ms.div_c = r[4];
-      write_map_outputs(output_args(a), m, ms, sigma_t);
+      write_map_outputs<kStandard>(output_args(a), m, ms, sigma_t);
     }
   }
   finish_loss(a, scratch);
