@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
   const int tiles = (L.vrows + L.slice_vrows - 1) / L.slice_vrows;
   auto vrow = [&](int tile, int c) { return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows; };
 
+  const OutputArgs<T> out = output_args(a);  // its per-axis divisions once, not per map
   for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
     uint32_t b, l;
     a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
@@ -111,7 +112,8 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           RowCoords<T> rc;
           RowMemory rm;
           streamed_record(L, vrow(tile, c), rc, rm);
-          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4);
+          T pc;
+          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4, pc);
         }
       }
       cur = next;
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       ms.div_a = scaled_js ? r[5] : r[3];
       ms.div_b = scaled_js ? r[3] : r[4];
       ms.div_c = r[4];
-      write_map_outputs<kStandard>(output_args(a), m, ms, sigma_t);
+      write_map_outputs<kStandard>(out, m, ms, sigma_t);
     }
   }
   finish_loss(a, scratch);

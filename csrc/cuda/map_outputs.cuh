@@ -46,17 +46,18 @@ struct OutputArgs {
   const T* target;
   Modes modes;
   CoordLoss coord_loss;
-  bool normalized;
   int dims;
-  int size[kMaxSpatialDims];
   int map_size;
+  GridAffine<T> grid[kMaxSpatialDims];  // the requested grid per axis
 };
 
 template <typename scalar_t>
 DSNT_DEV OutputArgs<acc_t<scalar_t>> output_args(const FwdArgs<scalar_t>& a) {
   const TileLayout& L = a.layout;
-  return {a.coords, a.variance, a.reg_losses, a.coord_losses, a.stats, a.target, a.modes, a.coord_loss,
-          a.normalized, L.dims, {L.size[0], L.size[1], L.size[2]}, L.map_size};
+  using T = acc_t<scalar_t>;
+  return {a.coords, a.variance, a.reg_losses, a.coord_losses, a.stats, a.target, a.modes, a.coord_loss, L.dims,
+          L.map_size, {grid_affine<T>(L.size[0], a.normalized), grid_affine<T>(L.size[1], a.normalized),
+                       grid_affine<T>(L.size[2], a.normalized)}};
 }
 
 // kStandard: softmax + JS known at compile time, so the other modes' code is not there.
@@ -73,8 +74,7 @@ DSNT_OUT_OF_LINE void write_map_outputs(const OutputArgs<T> a, int m, const MapS
   // axis loops: every slot with a test (a fixed trip count is unrolled, c stays in registers)
   for (int k = 0; k < kMaxSpatialDims; ++k) {
     if (k >= n) continue;
-    const GridAffine<T> grid = grid_affine<T>(a.size[k], a.normalized);
-    c[k] = grid.scale * s.ubar[k] + grid.offset * mass;
+    c[k] = a.grid[k].scale * s.ubar[k] + a.grid[k].offset * mass;
     const T var = s.centred[k] * inv;
     a.coords[m * n + k] = c[k];
     a.variance[m * n + k] = var;
