@@ -413,10 +413,13 @@ DSNT_HD T target_mean_grad_coef(T sigma_t, int64_t S) {
 // =============================================================================================
 // Coordinate losses (docs/math.md §5), per map, normalized units, dims entries x first.
 
+// Loops over every axis slot with a test, not up to `dims`: a GPU compiler unrolls a fixed trip
+// count into straight code (these run once per map in every thread of the backward).
 template <typename T>
 DSNT_HD T coord_loss_value(const T* c, const T* t, int dims, CoordLoss kind) {
   T acc = T(0);
-  for (int k = 0; k < dims; ++k) {
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    if (k >= dims) continue;  // not break: the loop would take min(dims, 3) trips
     const T d = c[k] - t[k];
     acc += kind == CoordLoss::L1 ? Arith<T>::abs(d) : d * d;
   }
@@ -431,23 +434,24 @@ DSNT_HD T coord_loss_value(const T* c, const T* t, int dims, CoordLoss kind) {
 }
 
 // d coord_loss / d c_k into grad[0..dims); euclidean's gradient at c = t is 0 (torch's choice).
+// Every kind is one division per axis, d / norm, sign(d) / dims or 2 d / dims: one division with
+// the operands chosen per kind (a GPU's division is a dozen instructions and a slow path).
 template <typename T>
 DSNT_HD void coord_loss_grad(const T* c, const T* t, int dims, CoordLoss kind, T* grad) {
-  const T norm = kind == CoordLoss::Euclidean ? coord_loss_value(c, t, dims, kind) : T(0);
-  for (int k = 0; k < dims; ++k) {
+  const bool euclidean = kind == CoordLoss::Euclidean;
+  const T norm = euclidean ? coord_loss_value(c, t, dims, kind) : T(0);
+  const T den = euclidean ? norm : T(dims);
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    if (k >= dims) continue;  // not break: the loop would take min(dims, 3) trips
     const T d = c[k] - t[k];
-    switch (kind) {
-      case CoordLoss::Euclidean:
-        grad[k] = norm > T(0) ? d / norm : (dsnt_isnan(norm) ? norm : T(0));
-        break;
-      case CoordLoss::L1:
-        grad[k] = (d > T(0) ? T(1) : (d < T(0) ? T(-1) : (dsnt_isnan(d) ? d : T(0)))) / T(dims);
-        break;
-      case CoordLoss::MSE:
-        grad[k] = T(2) * d / T(dims);
-        break;
-      default:
-        grad[k] = T(0);
+    T num = d;  // euclidean
+    if (kind == CoordLoss::L1) num = d > T(0) ? T(1) : (d < T(0) ? T(-1) : (dsnt_isnan(d) ? d : T(0)));
+    if (kind == CoordLoss::MSE) num = T(2) * d;
+    const T q = num / den;
+    if (euclidean && !(norm > T(0))) {
+      grad[k] = dsnt_isnan(norm) ? norm : T(0);
+    } else {
+      grad[k] = kind == CoordLoss::None ? T(0) : q;
     }
   }
 }

@@ -90,12 +90,16 @@ DSNT_DEV BwdMap<acc_t<scalar_t>> backward_map_constants(const BwdArgs<scalar_t>&
   const bool hot = md.softmax_js();  // the element pass's form (backward_kernel.cuh), omega 0 or not
   s.table_scale = hot ? s.beta * s.inv_p : T(1);
   T sub = T(0);  // sum_j p_j G_j (docs/math.md §6); "none" subtracts nothing
-  for (int k = 0; k < n; ++k) {
+  // every axis slot with a test, not up to n: a fixed trip count keeps s in registers (an array
+  // indexed at run time lives in local memory, and then so does every flag read from it)
+#pragma unroll
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    s.ax[k] = AxisGrad<T>{T(0), T(0), T(0), T(0), T(0)};
+    if (k >= n) continue;
     s.ax[k] = axis_grad_coefs(s.up.gamma[k], s.up.nu[k], st[kStatMean + k], s.mass,
                               grid_affine<T>(L.size[k], a.normalized));
     sub += s.up.gamma[k] * a.coords[mn + k] + s.up.nu[k] * a.variance[mn + k];
   }
-  for (int k = n; k < kMaxSpatialDims; ++k) s.ax[k] = AxisGrad<T>{T(0), T(0), T(0), T(0), T(0)};
   const T reg_scale = md.reg() == Regularizer::JS ? T(0.5 * kLn2) : T(kLn2);
   const T omega = s.div ? s.up.omega * reg_scale : T(0);
   sub += s.div ? s.up.omega * st[kStatDivGrad] : T(0);

@@ -46,7 +46,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
   // forward's Var rounds independently of this pass's G. One pass over the registers and one
   // reduction, no extra read of the logits.
   T m1[3] = {T(0), T(0), T(0)}, m2[3] = {T(0), T(0), T(0)};
-  if (DSNT_EXTRA_GRADS(s.var_grad)) {
+  const bool var_grad = !kStandard && DSNT_EXTRA_GRADS(s.var_grad);  // a constant for the compiler
+  if (var_grad) {
     T mom[6] = {T(0), T(0), T(0), T(0), T(0), T(0)};
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -76,7 +77,7 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
     }
   }
   auto grad_part = [&](T u, int k) {
-    return s.var_grad ? axis_grad_centred(u, s.ax[k], m1[k], m2[k]) : axis_grad(u, s.ax[k]);
+    return var_grad ? axis_grad_centred(u, s.ax[k], m1[k], m2[k]) : axis_grad(u, s.ax[k]);
   };
   AxisPartial<T> part[3];
   const T cx = centred_offset<T>(L.size[0]);
@@ -257,8 +258,11 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
 }
 
 // kStandard: the standard-loss kernel (kernel_args.cuh, StandardModes).
+// Launch bounds: 2 CTAs of 256 threads an SM, i.e. up to 128 registers: a thread holds 32
+// elements plus the map's constants, which spilled at 3 CTAs (80 registers). 16 warps an SM,
+// each with 8 16-byte loads in flight per thread, still cover HBM latency.
 template <typename scalar_t, bool kWarp, bool kStandard>
-__global__ void __launch_bounds__(256, 3) dsnt_bwd_kernel(const BwdArgs<scalar_t> a) {
+__global__ void __launch_bounds__(256, 2) dsnt_bwd_kernel(const BwdArgs<scalar_t> a) {
   using T = acc_t<scalar_t>;
   constexpr int C = kChunksPerThread<scalar_t, TileKind::Backward>;
   const TileLayout& L = a.layout;

@@ -99,7 +99,7 @@ constexpr T kLog2MinNormal = sizeof(T) == 8 ? T(-1022) : T(-126);
 // a normal number whose log2 is finite: pass 3 needs no floor.
 template <bool kFixedX, typename T, int V, int N, class M>
 DSNT_DEV Vals<T, V> weigh_chunk(const M& md, const Vals<T, V>& x, T shift, T bl, const RowCoords<T>& r,
-                                T (&ek)[V], T (&s)[N]) {
+                                T (&ek)[V], T (&s)[N], T& pc) {
   static_assert(N >= 4, "weigh_chunk adds to four sums");
   using A = Arith<T>;
   Vals<T, V> w;
@@ -116,7 +116,7 @@ DSNT_DEV Vals<T, V> weigh_chunk(const M& md, const Vals<T, V>& x, T shift, T bl,
     }
     ek[k] += w.v[k];
   }
-  T pc = w.v[0];
+  pc = w.v[0];
 #pragma unroll
   for (int k = 1; k < V; ++k) pc += w.v[k];
   if (!kFixedX) s[0] += r.xoff * pc;
@@ -178,17 +178,17 @@ DSNT_DEV void second_moments_chunk(const SecondPass<T, M>& sp, const Vals<T, V>&
 }
 
 // Pass 3 of the standard kernels on one chunk: the x variance is per map (x is the thread's own:
-// sum_k (x_k - ubar)^2 ek[k]); per chunk sum w for y and z; per element the scaled JS terms
-// with the thread's target factors g~_x in registers (row_q: the row's g~_yz scale D).
+// sum_k (x_k - ubar)^2 ek[k]); y and z from the chunk's sum of e (pc, kept from pass 2); per
+// element the scaled JS terms with the thread's target factors g~_x in registers, scaled by
+// q_scale once per map (row_q: the row's g~_yz, so g~_x row_q = q D).
 template <typename T, int V>
 DSNT_DEV void second_moments_standard(const Vals<T, V>& e, const RowCoords<T>& r,
-                                      const T (&ubar)[kMaxSpatialDims], const Vals<T, V>& gx, T row_q,
+                                      const T (&ubar)[kMaxSpatialDims], const Vals<T, V>& gx, T row_q, T pc,
                                       T (&r3)[5]) {
   using A = Arith<T>;
-  T pc = e.v[0], gl = T(0);
+  T gl = T(0);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    if (k > 0) pc += e.v[k];
     const T lg = A::log2(gx.v[k] * row_q + e.v[k]);
     r3[3] += e.v[k] * lg;
     gl += gx.v[k] * lg;

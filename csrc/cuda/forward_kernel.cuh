@@ -40,13 +40,15 @@ DSNT_DEV void build_records(const TileLayout& L, int v_first, int x_origin, RowC
   }
 }
 
-// Launch bounds: the warp class runs 256 threads (8 maps) a CTA and wants 3 CTAs an SM (85
-// registers); the block class at most 128 threads (64 elements each) and 4 CTAs (128 registers);
-// the cluster class 256 threads and 2 CTAs (its tile is in shared memory).
+// Launch bounds: the warp class runs 256 threads (8 maps) a CTA and 2 CTAs an SM (128 registers:
+// at 3 CTAs, 80 registers, its 32 elements and per-map values did not fit and the compiler
+// recomputed the group's addresses in every map); the block class at most 128 threads (64
+// elements each) and 4 CTAs (128 registers); the cluster class 256 threads and 2 CTAs (its tile
+// is in shared memory).
 template <FwdClass kClass>
 constexpr int kFwdThreads = kClass == FwdClass::Block ? 128 : 256;
 template <FwdClass kClass>
-constexpr int kFwdMinBlocks = kClass == FwdClass::Warp ? 3 : (kClass == FwdClass::Block ? 4 : 2);
+constexpr int kFwdMinBlocks = kClass == FwdClass::Warp ? 2 : (kClass == FwdClass::Block ? 4 : 2);
 
 // kStandard: the standard-loss kernel (kernel_args.cuh, StandardModes).
 template <typename scalar_t, FwdClass kClass, bool kStandard>
@@ -95,10 +97,12 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     first = static_cast<int>(blockIdx.x / ranks);
     stride = static_cast<int>(gridDim.x / ranks);
   }
+  const OutputArgs<T> out = output_args(a);  // its per-axis divisions once, not per map
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
     RegisterTile<T, C, V> tile;
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride)
+      forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm, out);
   } else if constexpr (kCluster) {
     ClusterGroup<T> g;
     g.t = t;
@@ -108,11 +112,13 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     g.rank = rank;
     g.ranks = ranks;
     SharedTile<T, C, V> tile{reinterpret_cast<T*>(smem + sp.tile) + t * V, static_cast<int>(blockDim.x) * V};
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride)
+      forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm, out);
   } else {
     const CtaGroup<T> g{t, warps, scratch};
     RegisterTile<T, C, V> tile;
-    for (int m = first; m < a.maps; m += stride) forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm);
+    for (int m = first; m < a.maps; m += stride)
+      forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm, out);
   }
   finish_loss(a, reinterpret_cast<T*>(smem + sp.groups));
   if constexpr (kCluster) cluster_sync();  // no CTA leaves while another may read its slots

@@ -28,7 +28,8 @@ namespace dsnt_cuda {
 
 template <typename scalar_t, int C, bool kStandard, class Group, class Tile>
 DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Tile& tile,
-                          const TilePlace<acc_t<scalar_t>>& tp, const GroupMemory<acc_t<scalar_t>>& gm) {
+                          const TilePlace<acc_t<scalar_t>>& tp, const GroupMemory<acc_t<scalar_t>>& gm,
+                          const OutputArgs<acc_t<scalar_t>>& out) {
   using T = acc_t<scalar_t>;
   using A = Arith<T>;
   using M = ModesOf<kStandard>;
@@ -72,9 +73,11 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
   const T bl = per_map_value(a.beta, b, l) * T(kLog2e);
   T ek[V] = {};
   T s4[4] = {T(0), T(0), T(0), T(0)};  // sum w x_offset, sum w u_y, sum w u_z, sum e a
+  T pcs[C];                            // each chunk's sum of w (standard: pass 3's y, z moments)
 #pragma unroll
   for (int c = 0; c < C; ++c) {
-    const Vals<T, V> w = weigh_chunk<kStandard>(md, tile.get(c), shift, bl, gm.coords[tp.row(c)], ek, s4);
+    const Vals<T, V> w =
+        weigh_chunk<kStandard>(md, tile.get(c), shift, bl, gm.coords[tp.row(c)], ek, s4, pcs[c]);
     if (keep_e) tile.put(c, w);
   }
   // the thread's x: u = x0 + k, x0 = its column's centred x (standard: every chunk's)
@@ -113,11 +116,12 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
     for (int k = 0; k < V; ++k) {  // x variance: per column, from pass 2's sums of the same e
       const T d = x0 + T(k) - ms.ubar[0];
       r3[0] += d * d * ek[k];
+      gx.v[k] *= q_scale;
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int v = tp.row(c);
-      second_moments_standard(tile.get(c), gm.coords[v], ms.ubar, gx, gm.tab.rg[v] * q_scale, r3);
+      second_moments_standard(tile.get(c), gm.coords[v], ms.ubar, gx, gm.tab.rg[v], pcs[c], r3);
     }
   } else {
     SecondPass<T, M> sp{
@@ -159,7 +163,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
     ms.div_a = keep_e ? r[5] : r[3];
     ms.div_b = keep_e ? r[3] : r[4];
     ms.div_c = r[4];
-    write_map_outputs(output_args(a), m, ms, sigma_t);
+    write_map_outputs<kStandard>(out, m, ms, sigma_t);
   }
 }
 

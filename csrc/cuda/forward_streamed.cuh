@@ -19,11 +19,12 @@ template <typename scalar_t>
 constexpr int kStreamedChunks = kChunksPerThread<scalar_t, TileKind::Streamed>;
 
 // The record of virtual row v, computed (the rows of a streamed map may not fit a table).
-template <typename T>
+// kOneSeg: every row is one virtual row (the standard kernel's layouts, host_common.cuh).
+template <bool kOneSeg, typename T>
 DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowMemory& rm) {
   const bool live = v < L.vrows;
-  uint32_t row, seg, y, z;
-  L.segs_div.divmod(static_cast<uint32_t>(live ? v : 0), row, seg);
+  uint32_t row = static_cast<uint32_t>(live ? v : 0), seg = 0, y, z;
+  if (!kOneSeg) L.segs_div.divmod(row, row, seg);
   L.size_y_div.divmod(row, z, y);
   const int x0 = static_cast<int>(seg) * L.row_width;
   rc.xoff = static_cast<T>(x0) - centred_offset<T>(L.size[0]);
@@ -59,6 +60,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows;
   };
 
+  const OutputArgs<T> out = output_args(a);  // its per-axis divisions once, not per map
   for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
     uint32_t b, l;
     a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         RowCoords<T> rc;
-        streamed_record(L, vrow(tile, c), rc, rows[c]);
+        streamed_record<kStandard>(L, vrow(tile, c), rc, rows[c]);
       }
       load_tile<scalar_t, C>(dst, map, rows, 0, 1, x_t, L.stride_x, vec, pad);
     };
@@ -112,8 +114,9 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
         for (int c = 0; c < C; ++c) {
           RowCoords<T> rc;
           RowMemory rm;
-          streamed_record(L, vrow(tile, c), rc, rm);
-          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4);
+          streamed_record<kStandard>(L, vrow(tile, c), rc, rm);
+          T pc;
+          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4, pc);
         }
       }
       cur = next;
@@ -167,6 +170,14 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
     const T q_scale = tn.scale * (scaled_js ? s[0] : T(1));
     T r3[5] = {T(0), T(0), T(0), T(0), T(0)};
+    Vals<T, V> xg_t{}, xl_t{};  // standard: a thread's x is the same in every chunk, its factors once
+    if (kStandard && div) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (x_t + k < L.size[0])
+          target_entry(axes[0], ux_t + T(k) - centred_offset<T>(L.size[0]), xg_t.v[k], xl_t.v[k]);
+      }
+    }
     load(0, cur);
     for (int tile = 0; tile < tiles; ++tile) {
       if (tile + 1 < tiles) load(tile + 1, next);
@@ -174,7 +185,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       for (int c = 0; c < C; ++c) {
         RowCoords<T> rc;
         RowMemory rm;
-        streamed_record(L, vrow(tile, c), rc, rm);
+        streamed_record<kStandard>(L, vrow(tile, c), rc, rm);
         const Vals<T, V> x = cur.get(c);
         Vals<T, V> w = x, xg{}, xl{};
         T row_q = T(0), row_l = T(0);
@@ -184,10 +195,15 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           target_entry(axes[2], rc.uz, gz, lz);
           row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
           row_l = ly + lz - tn.log2_norm;
+          if (kStandard) {
+            xg = xg_t;
+            xl = xl_t;
+          } else {
 #pragma unroll
-          for (int k = 0; k < V; ++k) {
-            if (rc.xbase + x_t + k < L.size[0])
-              target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
+            for (int k = 0; k < V; ++k) {
+              if (rc.xbase + x_t + k < L.size[0])
+                target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
+            }
           }
         }
         if (scaled_js) {
@@ -212,7 +228,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       ms.div_a = scaled_js ? r[5] : r[3];
       ms.div_b = scaled_js ? r[3] : r[4];
       ms.div_c = r[4];
-      write_map_outputs(output_args(a), m, ms, sigma_t);
+      write_map_outputs<kStandard>(out, m, ms, sigma_t);
     }
   }
   finish_loss(a, scratch);

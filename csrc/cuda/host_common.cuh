@@ -69,9 +69,9 @@ auto with_launcher(SizeClass c, F&& f) {
 }
 
 // The standard-loss kernels assume a thread's x is the same in every chunk: rows that fit a tile
-// (one segment) of a map with more than one row. The streamed kernel makes no such assumption.
+// (one segment), of a map with more than one row (streamed: any map, its x walk is per tile).
 inline bool fixed_x(const LaunchPlan& p) {
-  return p.cls == SizeClass::Streamed || (p.layout.segs == 1 && p.layout.rows > 1);
+  return p.layout.segs == 1 && (p.cls == SizeClass::Streamed || p.layout.rows > 1);
 }
 
 template <bool kBackward, bool kStandard, typename scalar_t>

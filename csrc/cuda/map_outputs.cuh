@@ -46,15 +46,15 @@ struct OutputArgs {
   const T* target;
   Modes modes;
   CoordLoss coord_loss;
-  bool normalized;
   int dims;
-  int size[kMaxSpatialDims];
   int map_size;
+  GridAffine<T> grid[kMaxSpatialDims];  // the requested grid per axis
 };
 
 template <typename scalar_t>
 DSNT_DEV OutputArgs<acc_t<scalar_t>> output_args(const FwdArgs<scalar_t>& a) {
   const TileLayout& L = a.layout;
+  using T = acc_t<scalar_t>;
   return {a.coords,
           a.variance,
           a.reg_losses,
@@ -63,25 +63,27 @@ DSNT_DEV OutputArgs<acc_t<scalar_t>> output_args(const FwdArgs<scalar_t>& a) {
           a.target,
           a.modes,
           a.coord_loss,
-          a.normalized,
           L.dims,
-          {L.size[0], L.size[1], L.size[2]},
-          L.map_size};
+          L.map_size,
+          {grid_affine<T>(L.size[0], a.normalized), grid_affine<T>(L.size[1], a.normalized),
+           grid_affine<T>(L.size[2], a.normalized)}};
 }
 
-template <typename T>
+// kStandard: softmax + JS known at compile time, so the other modes' code is not there.
+template <bool kStandard, typename T>
 DSNT_OUT_OF_LINE void write_map_outputs(const OutputArgs<T> a, int m, const MapSums<T> s, T sigma_t) {
-  const Modes& md = a.modes;
+  const auto md = modes_view<kStandard>(a.modes);
   const int n = a.dims;
   const bool none = md.none();
   // p = w / denom; "none": p = z (denom 1, mass = sum z); uniform: p = 1/N (denom 0 in stats).
   const T mass = none ? s.weight : T(1);
   const T denom = none ? T(1) : (s.uniform ? T(0) : s.weight);
   const T inv = none ? T(1) : T(1) / (s.uniform ? T(a.map_size) : s.weight);
-  T c[kMaxSpatialDims], reg = T(0);
-  for (int k = 0; k < n; ++k) {
-    const GridAffine<T> grid = grid_affine<T>(a.size[k], a.normalized);
-    c[k] = grid.scale * s.ubar[k] + grid.offset * mass;
+  T c[kMaxSpatialDims] = {T(0), T(0), T(0)}, reg = T(0);
+  // axis loops: every slot with a test (a fixed trip count is unrolled, c stays in registers)
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    if (k >= n) continue;
+    c[k] = a.grid[k].scale * s.ubar[k] + a.grid[k].offset * mass;
     const T var = s.centred[k] * inv;
     a.coords[m * n + k] = c[k];
     a.variance[m * n + k] = var;
@@ -116,7 +118,9 @@ DSNT_OUT_OF_LINE void write_map_outputs(const OutputArgs<T> a, int m, const MapS
   st[kStatDenom] = denom;
   st[kStatMass] = mass;
   st[kStatDivGrad] = div_grad;
-  for (int k = 0; k < n; ++k) st[kStatMean + k] = s.ubar[k];
+  for (int k = 0; k < kMaxSpatialDims; ++k) {
+    if (k < n) st[kStatMean + k] = s.ubar[k];
+  }
 }
 
 // The loss of docs/ops.md, by the last CTA to arrive. Every thread of every CTA calls it once,
