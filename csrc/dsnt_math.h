@@ -549,4 +549,15 @@ DSNT_HD V axis_grad_centred(V u, const AxisGrad<T>& g, T m1, T m2) {
   return A::splat(g.gamma_scale) * (d - A::splat(m1)) + A::splat(g.nu) * (d * d - A::splat(m2));
 }
 
+// A per-map scalar (beta, sigma_t): a float, or a tensor broadcastable to (B, L) read through
+// its strides (no copy beyond a dtype conversion). Kernels call at(b, l).
+template <typename T>
+struct PerMapScalar {
+  const T* data = nullptr;
+  int64_t stride_b = 0;
+  int64_t stride_l = 0;
+  T value = T(0);
+  DSNT_HD T at(int64_t b, int64_t l) const { return data ? data[b * stride_b + l * stride_l] : value; }
+};
+
 }  // namespace dsnt_cuda

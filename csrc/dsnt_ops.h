@@ -67,17 +67,6 @@ at::ScalarType accumulation_type(const at::Tensor& logits);
 // An optional input as a contiguous tensor of dtype `acc`, or an undefined tensor for None.
 at::Tensor optional_as(const std::optional<at::Tensor>& t, at::ScalarType acc);
 
-// A per-map scalar (beta, sigma_t): a float, or a tensor broadcastable to (B, L) read through
-// its strides (no copy beyond a dtype conversion). Kernels call at(b, l).
-template <typename T>
-struct PerMapScalar {
-  const T* data = nullptr;
-  int64_t stride_b = 0;
-  int64_t stride_l = 0;
-  T value = T(0);
-  DSNT_HD T at(int64_t b, int64_t l) const { return data ? data[b * stride_b + l * stride_l] : value; }
-};
-
 // The (B, L) view of an optional per-map tensor in dtype `acc` (undefined for None); keep it
 // alive while a PerMapScalar points into it.
 at::Tensor per_map_view(const std::optional<at::Tensor>& t, const MapGeometry& g, at::ScalarType acc);

@@ -10,7 +10,6 @@
 #include <type_traits>
 
 #include "dsnt_math.h"
-#include "dsnt_ops.h"
 #include "launch.cuh"
 
 #define DSNT_DEV __device__ __forceinline__

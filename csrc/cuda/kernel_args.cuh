@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "dsnt_ops.h"
 #include "tile_layout.cuh"
 
 namespace dsnt_cuda {
