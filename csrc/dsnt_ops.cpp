@@ -13,34 +13,55 @@
 #include <limits>
 #include <string>
 
+#include "op_call.h"
+
 namespace dsnt_cuda {
 
+namespace {
+
+template <typename E>
+struct Named {
+  std::string_view name;
+  E value;
+};
+
+// The value of `name` in `table`; an unknown name is a ValueError that lists the known ones.
+template <typename E, size_t N>
+E parse_name(std::string_view name, const char* what, const Named<E> (&table)[N]) {
+  for (const Named<E>& entry : table) {
+    if (entry.name == name) return entry.value;
+  }
+  std::string expected;
+  for (const Named<E>& entry : table) expected += (expected.empty() ? "" : ", ") + std::string(entry.name);
+  TORCH_CHECK_VALUE(false, "dsnt_cuda: unknown ", what, " '", std::string(name), "'; expected one of ",
+                    expected);
+}
+
+}  // namespace
+
 Normalization parse_normalization(std::string_view name) {
-  if (name == "softmax") return Normalization::Softmax;
-  if (name == "abs") return Normalization::Abs;
-  if (name == "relu") return Normalization::Relu;
-  if (name == "sigmoid") return Normalization::Sigmoid;
-  if (name == "none") return Normalization::None;
-  TORCH_CHECK_VALUE(false, "dsnt_cuda: unknown normalization '", std::string(name),
-                    "'; expected one of softmax, abs, relu, sigmoid, none");
+  static constexpr Named<Normalization> kNames[] = {{"softmax", Normalization::Softmax},
+                                                    {"abs", Normalization::Abs},
+                                                    {"relu", Normalization::Relu},
+                                                    {"sigmoid", Normalization::Sigmoid},
+                                                    {"none", Normalization::None}};
+  return parse_name(name, "normalization", kNames);
 }
 
 Regularizer parse_regularizer(std::string_view name) {
-  if (name == "none") return Regularizer::None;
-  if (name == "js") return Regularizer::JS;
-  if (name == "kl") return Regularizer::KL;
-  if (name == "var") return Regularizer::Var;
-  TORCH_CHECK_VALUE(false, "dsnt_cuda: unknown regularizer '", std::string(name),
-                    "'; expected one of none, js, kl, var");
+  static constexpr Named<Regularizer> kNames[] = {{"none", Regularizer::None},
+                                                  {"js", Regularizer::JS},
+                                                  {"kl", Regularizer::KL},
+                                                  {"var", Regularizer::Var}};
+  return parse_name(name, "regularizer", kNames);
 }
 
 CoordLoss parse_coord_loss(std::string_view name) {
-  if (name == "none") return CoordLoss::None;
-  if (name == "euclidean") return CoordLoss::Euclidean;
-  if (name == "l1") return CoordLoss::L1;
-  if (name == "mse") return CoordLoss::MSE;
-  TORCH_CHECK_VALUE(false, "dsnt_cuda: unknown coord_loss '", std::string(name),
-                    "'; expected one of none, euclidean, l1, mse");
+  static constexpr Named<CoordLoss> kNames[] = {{"none", CoordLoss::None},
+                                                {"euclidean", CoordLoss::Euclidean},
+                                                {"l1", CoordLoss::L1},
+                                                {"mse", CoordLoss::MSE}};
+  return parse_name(name, "coord_loss", kNames);
 }
 
 namespace {
@@ -187,31 +208,44 @@ MapGeometry check_forward_inputs(const at::Tensor& logits, const std::optional<a
   return g;
 }
 
-void check_backward_inputs(const MapGeometry& g, const at::Tensor& logits,
-                           const std::optional<at::Tensor>& grad_coords,
-                           const std::optional<at::Tensor>& grad_variance,
-                           const std::optional<at::Tensor>& grad_reg_losses,
-                           const std::optional<at::Tensor>& grad_coord_losses,
-                           const std::optional<at::Tensor>& grad_loss, const at::Tensor& coords,
-                           const at::Tensor& variance, const at::Tensor& stats, const OpOptions& o) {
-  if (has(grad_coords)) check_per_keypoint(*grad_coords, "grad_coords", g, logits, g.dims);
-  if (has(grad_variance)) check_per_keypoint(*grad_variance, "grad_variance", g, logits, g.dims);
-  if (has(grad_reg_losses)) check_per_keypoint(*grad_reg_losses, "grad_reg_losses", g, logits, -1);
-  if (o.coord_loss == CoordLoss::None) {
+ForwardCall forward_call(const at::Tensor& logits, const std::optional<at::Tensor>& target,
+                         const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
+                         const std::optional<at::Tensor>& sigma_t_map, const OpOptions& options) {
+  ForwardCall call{.logits = logits,
+                   .target = target,
+                   .mask = mask,
+                   .beta_map = beta_map,
+                   .sigma_t_map = sigma_t_map,
+                   .options = options,
+                   .geometry = check_forward_inputs(logits, target, mask, beta_map, sigma_t_map, options),
+                   .acc = accumulation_type(logits)};
+  return call;
+}
+
+void check_backward_inputs(const BackwardCall& call) {
+  const MapGeometry& g = call.forward.geometry;
+  const at::Tensor& logits = call.forward.logits;
+  const auto per_keypoint = [&](const std::optional<at::Tensor>& t, const char* what, int64_t last) {
+    if (has(t)) check_per_keypoint(*t, what, g, logits, last);
+  };
+  per_keypoint(call.grad_coords, "grad_coords", g.dims);
+  per_keypoint(call.grad_variance, "grad_variance", g.dims);
+  per_keypoint(call.grad_reg_losses, "grad_reg_losses", -1);
+  if (!call.forward.with_loss()) {
     // coord_losses and loss are then empty, and autograd may hand their gradients in as empty
     // tensors (AOTAutograd materializes zeros of the outputs' shapes): those are no gradient.
     const auto nonempty = [](const std::optional<at::Tensor>& t) { return has(t) && t->numel() > 0; };
-    TORCH_CHECK_VALUE(!nonempty(grad_coord_losses) && !nonempty(grad_loss),
+    TORCH_CHECK_VALUE(!nonempty(call.grad_coord_losses) && !nonempty(call.grad_loss),
                       "dsnt_cuda: grad_coord_losses / grad_loss given but coord_loss is 'none'");
-    return check_saved_outputs(g, logits, coords, variance, stats);
+    return check_saved_outputs(g, logits, call.coords, call.variance, call.stats);
   }
-  if (has(grad_coord_losses)) check_per_keypoint(*grad_coord_losses, "grad_coord_losses", g, logits, -1);
-  if (has(grad_loss)) {
-    TORCH_CHECK_VALUE(grad_loss->numel() == 1 && grad_loss->dim() <= 1,
-                      "dsnt_cuda: grad_loss must be a scalar, got shape ", grad_loss->sizes());
-    check_same_device(*grad_loss, "grad_loss", logits);
+  per_keypoint(call.grad_coord_losses, "grad_coord_losses", -1);
+  if (has(call.grad_loss)) {
+    TORCH_CHECK_VALUE(call.grad_loss->numel() == 1 && call.grad_loss->dim() <= 1,
+                      "dsnt_cuda: grad_loss must be a scalar, got shape ", call.grad_loss->sizes());
+    check_same_device(*call.grad_loss, "grad_loss", logits);
   }
-  check_saved_outputs(g, logits, coords, variance, stats);
+  check_saved_outputs(g, logits, call.coords, call.variance, call.stats);
 }
 
 at::Tensor optional_as(const std::optional<at::Tensor>& t, at::ScalarType acc) {

@@ -52,15 +52,6 @@ MapGeometry check_forward_inputs(const at::Tensor& logits, const std::optional<a
                                  const std::optional<at::Tensor>& beta_map,
                                  const std::optional<at::Tensor>& sigma_t_map, const OpOptions& options);
 
-// The extra checks of dsnt_bwd: the optional upstream gradients and the saved forward outputs.
-void check_backward_inputs(const MapGeometry& geometry, const at::Tensor& logits,
-                           const std::optional<at::Tensor>& grad_coords,
-                           const std::optional<at::Tensor>& grad_variance,
-                           const std::optional<at::Tensor>& grad_reg_losses,
-                           const std::optional<at::Tensor>& grad_coord_losses,
-                           const std::optional<at::Tensor>& grad_loss, const at::Tensor& coords,
-                           const at::Tensor& variance, const at::Tensor& stats, const OpOptions& options);
-
 // float64 for float64 logits, float32 otherwise.
 at::ScalarType accumulation_type(const at::Tensor& logits);
 

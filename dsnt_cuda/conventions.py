@@ -103,34 +103,31 @@ def coordinate_grid(length: int, convention: str = "normalized", dtype=None, dev
     return (j - offset) / slope
 
 
-def normalized_to_pixel(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """dsntnn's normalized (pixel-centre) coordinates -> pixel indices."""
-    return convert_coordinates(coords, size, "normalized", "pixel")
+_DESCRIPTIONS = {
+    "normalized": "dsntnn's normalized (pixel-centre) coordinates",
+    "pixel": "pixel indices",
+    "align_corners": "corner-aligned [-1, 1] (kornia / grid_sample(align_corners=True))",
+}
 
 
-def pixel_to_normalized(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Pixel indices -> dsntnn's normalized (pixel-centre) coordinates."""
-    return convert_coordinates(coords, size, "pixel", "normalized")
+def _converter(source: str, dest: str):
+    """The public `<source>_to_<dest>(coords, size)`: convert_coordinates between two conventions."""
+
+    def convert(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return convert_coordinates(coords, size, source, dest)
+
+    convert.__name__ = convert.__qualname__ = f"{source}_to_{dest}"
+    text = f"{_DESCRIPTIONS[source]} -> {_DESCRIPTIONS[dest]}."
+    convert.__doc__ = text[0].upper() + text[1:] if source != "normalized" else text
+    return convert
 
 
-def pixel_to_align_corners(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Pixel indices -> corner-aligned [-1, 1] (kornia / grid_sample(align_corners=True))."""
-    return convert_coordinates(coords, size, "pixel", "align_corners")
-
-
-def align_corners_to_pixel(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Corner-aligned [-1, 1] -> pixel indices."""
-    return convert_coordinates(coords, size, "align_corners", "pixel")
-
-
-def normalized_to_align_corners(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """dsntnn's normalized coordinates -> corner-aligned [-1, 1]."""
-    return convert_coordinates(coords, size, "normalized", "align_corners")
-
-
-def align_corners_to_normalized(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Corner-aligned [-1, 1] -> dsntnn's normalized coordinates."""
-    return convert_coordinates(coords, size, "align_corners", "normalized")
+normalized_to_pixel = _converter("normalized", "pixel")
+pixel_to_normalized = _converter("pixel", "normalized")
+pixel_to_align_corners = _converter("pixel", "align_corners")
+align_corners_to_pixel = _converter("align_corners", "pixel")
+normalized_to_align_corners = _converter("normalized", "align_corners")
+align_corners_to_normalized = _converter("align_corners", "normalized")
 
 
 __all__ = [

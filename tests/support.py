@@ -39,8 +39,11 @@ import pytest
 import torch
 
 import dsnt_cuda
-from dsnt_cuda import reference
+from dsnt_cuda import _extension, reference
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NORMS = reference.NORMALIZATIONS
+REGS = reference.REGULARIZERS
 FWD_OUTPUTS = ("coords", "variance", "reg_losses", "coord_losses", "loss")
 BWD_OUTPUTS = ("grad_logits", "grad_target", "grad_beta_map")
 UPSTREAM = ("grad_coords", "grad_variance", "grad_reg_losses", "grad_coord_losses", "grad_loss")
@@ -384,3 +387,33 @@ def assert_all_close(actual, expected, what: str, map_dims=()) -> None:
 
 def _floating(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+# ---- the C++ ops on CPU tensors, and torch.compile ---------------------------------------------
+
+needs_cpu_kernels = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
+                                       reason="C++ extension not built")
+
+
+def cpp_ops():
+    """torch.ops.dsnt_cuda's (dsnt_fwd, dsnt_bwd) with their fake kernels and autograd registered
+    (dsnt_cuda.ops imported), or (None, None) when the extension is not built."""
+    if not _extension.extension_loaded():
+        return None, None
+    from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the ops)
+
+    return torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
+
+
+def assert_compiled_matches_eager(loss_fn, logits, target, backend="inductor") -> None:
+    """torch.compile(loss_fn, fullgraph=True) gives eager's loss and its gradients with respect to
+    `logits` and `target` (loss_fn's two arguments)."""
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=backend)):
+        x = logits.detach().clone().requires_grad_(True)
+        t = target.detach().clone().requires_grad_(True)
+        loss = fn(x, t)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, t))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

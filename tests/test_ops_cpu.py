@@ -22,25 +22,22 @@ import torch
 from dsnt_cuda import _extension, reference
 
 from support import (
+    NORMS,
+    REGS,
+    ROOT,
     UPSTREAM,
+    assert_compiled_matches_eager,
     check_against_reference,
+    cpp_ops,
     gradcheck_logits,
     make_case,
+    needs_cpu_kernels,
     reference_backward,
     run_ops,
 )
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
-                                reason="C++ extension not built")
-
-if _extension.extension_loaded():
-    from dsnt_cuda import ops
-
-    FWD, BWD = torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
-
-NORMS = reference.NORMALIZATIONS
-REGS = reference.REGULARIZERS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = needs_cpu_kernels
+FWD, BWD = cpp_ops()
 
 
 def check(case, what=""):
@@ -178,22 +175,12 @@ def test_opcheck_backward():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-
     def loss_fn(x, t):
         loss = FWD(x, t, None, None, None, "softmax", 1.0, True, "js", 1.0, "euclidean", 1.0)[4]
         return loss * 2
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
     case = make_case((2, 3, 8, 6), "softmax", "js", dtype=torch.float32, seed=40)
-    results = []
-    for f in (loss_fn, compiled):
-        x = case.logits.clone().requires_grad_(True)
-        t = case.target.float().requires_grad_(True)
-        loss = f(x, t)
-        results.append((loss.detach(), *torch.autograd.grad(loss, (x, t))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(loss_fn, case.logits, case.target.float(), backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +275,8 @@ def test_no_coordinate_loss_gives_empty_loss_outputs():
 
 
 def fwd_with(**changes):
+    from dsnt_cuda import ops  # the extension is built here (pytestmark)
+
     case = make_case((1, 2, 3, 3), "softmax", "js", dtype=torch.float32, coord_loss="euclidean", seed=9)
     args = dict(zip(ops.FWD_ARGS, case.fwd_args()))
     args.update(changes)

@@ -13,32 +13,26 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dsnt_cuda import _extension, reference
-
 from support import (
     FWD_OUTPUTS,
+    NORMS,
+    REGS,
+    ROOT,
     UPSTREAM,
     assert_close,
     check_against_reference,
+    cpp_ops,
     make_case,
     max_error,
+    needs_cpu_kernels,
     peaked_logits,
     reference_backward,
     reference_forward,
     run_ops,
 )
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("dsnt_fwd", "CPU"),
-                                reason="C++ extension not built")
-
-if _extension.extension_loaded():
-    from dsnt_cuda import ops  # noqa: F401  (fake kernels and autograd of the ops)
-
-    FWD, BWD = torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
-
-NORMS = reference.NORMALIZATIONS
-REGS = reference.REGULARIZERS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = needs_cpu_kernels
+FWD, BWD = cpp_ops()
 
 
 def check(case, what=""):

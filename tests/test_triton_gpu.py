@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 from dsnt_cuda import _extension, reference  # noqa: E402
 from dsnt_cuda.triton import ops as tops  # noqa: E402
 
-from support import check_against_reference, make_case, run_ops  # noqa: E402
+from support import assert_compiled_matches_eager, check_against_reference, make_case, run_ops  # noqa: E402
 
 FWD = torch.ops.dsnt_cuda.dsnt_fwd_triton.default
 BWD = torch.ops.dsnt_cuda.dsnt_bwd_triton.default
@@ -133,15 +133,7 @@ def test_torch_compile_fullgraph():
     def loss_fn(logits, target):
         return FWD(logits, target, case.mask, None, None, *case.options())[4]
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        logits = case.logits.clone().requires_grad_(True)
-        target = case.target.clone().requires_grad_(True)
-        loss = fn(logits, target)
-        results.append((loss.detach(), *torch.autograd.grad(loss, (logits, target))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(loss_fn, case.logits, case.target)
 
 
 def test_nan_map_contained_on_the_looped_path():

@@ -1,7 +1,8 @@
 // CPU kernels of dsnt_fwd / dsnt_bwd (docs/ops.md): host entry points, registered for the CPU
 // dispatch key. Checks (dsnt_ops.cpp), allocation, one at::parallel_for over the maps into the
 // per-map kernels (kernels.h, the AVX2 build when the CPU has it), and the loss's final sum over
-// the maps (serial, deterministic). No ATen op runs per element or per map.
+// the maps (serial, deterministic). No ATen op runs per element or per map. The schema's
+// arguments come parsed and checked through op_call.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 
 #include "cpu/kernel_args.h"
 #include "dsnt_ops.h"
+#include "op_call.h"
 
 namespace dsnt_cuda {
 namespace cpu {
@@ -67,20 +69,18 @@ struct MapInputTensors {
   at::Tensor logits, target, beta, sigma_t;
 };
 
-MapInputTensors fill_map_args(MapArgs& a, const MapGeometry& g, const OpOptions& o, const at::Tensor& logits,
-                              const std::optional<at::Tensor>& target,
-                              const std::optional<at::Tensor>& beta_map,
-                              const std::optional<at::Tensor>& sigma_t_map) {
-  const at::ScalarType acc = accumulation_type(logits);
+MapInputTensors fill_map_args(MapArgs& a, const ForwardCall& call) {
+  const MapGeometry& g = call.geometry;
+  const OpOptions& o = call.options;
   MapInputTensors t;
-  t.logits = logits.contiguous();
-  if (o.needs_target()) t.target = target->to(acc).contiguous();
-  t.beta = per_map_view(beta_map, g, acc);
-  if (o.reg != Regularizer::None) t.sigma_t = per_map_view(sigma_t_map, g, acc);
-  check_per_map_values(t.beta, t.sigma_t, acc);
+  t.logits = call.logits.contiguous();
+  if (o.needs_target()) t.target = call.target->to(call.acc).contiguous();
+  t.beta = per_map_view(call.beta_map, g, call.acc);
+  if (o.reg != Regularizer::None) t.sigma_t = per_map_view(call.sigma_t_map, g, call.acc);
+  check_per_map_values(t.beta, t.sigma_t, call.acc);
   a.geometry = g;
   a.options = o;
-  if (acc == at::kDouble) {
+  if (call.acc == at::kDouble) {
     a.beta_d = per_map_scalar<double>(t.beta, o.beta);
     a.sigma_t_d = per_map_scalar<double>(t.sigma_t, o.sigma_t);
   } else {
@@ -116,130 +116,105 @@ double loss_scale(const at::Tensor& grad_loss, const T* mask, int64_t maps) {
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-}  // namespace
-}  // namespace cpu
+// The CPU backend of the op entries (op_call.h).
+struct Host {
+  using Scope = NoScope;
+  static ForwardResult forward(const ForwardCall& call);
+  static BackwardResult backward(const BackwardCall& call);
+};
 
-ForwardResult dsnt_fwd_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& target,
-                           const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
-                           const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization,
-                           double beta, bool normalized_coordinates, c10::string_view reg, double sigma_t,
-                           c10::string_view coord_loss, double reg_weight) {
-  const OpOptions o =
-      parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
-  const MapGeometry g = check_forward_inputs(logits, target, mask, beta_map, sigma_t_map, o);
-  const at::ScalarType acc = accumulation_type(logits);
-  const auto opts = logits.options().dtype(acc);
-  const bool with_loss = o.coord_loss != CoordLoss::None;
-  at::Tensor coords = at::empty({g.batch, g.keypoints, g.dims}, opts);
-  at::Tensor variance = at::empty({g.batch, g.keypoints, g.dims}, opts);
-  at::Tensor reg_losses = at::empty({g.batch, g.keypoints}, opts);
-  at::Tensor coord_losses = with_loss ? at::empty({g.batch, g.keypoints}, opts) : at::empty({0}, opts);
-  at::Tensor loss = with_loss ? at::empty({}, opts) : at::empty({0}, opts);
-  at::Tensor stats = at::empty({g.batch, g.keypoints, stats_size(g.dims)}, opts);
+ForwardResult Host::forward(const ForwardCall& call) {
+  const MapGeometry& g = call.geometry;
+  const ForwardOutputs out = forward_outputs(
+      call, [](at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); });
 
-  cpu::ForwardArgs args;
-  const cpu::MapInputTensors inputs =
-      cpu::fill_map_args(args.map, g, o, logits, target, beta_map, sigma_t_map);
-  args.coords = coords.mutable_data_ptr();
-  args.variance = variance.mutable_data_ptr();
-  args.reg_losses = reg_losses.mutable_data_ptr();
-  args.coord_losses = with_loss ? coord_losses.mutable_data_ptr() : nullptr;
-  args.stats = stats.mutable_data_ptr();
-  const cpu::ForwardFn fn = cpu::kernels().forward[cpu::dtype_index(logits)];
-  at::parallel_for(0, g.maps, cpu::grain_size(g), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  ForwardArgs args;
+  const MapInputTensors inputs = fill_map_args(args.map, call);
+  args.coords = out.coords.mutable_data_ptr();
+  args.variance = out.variance.mutable_data_ptr();
+  args.reg_losses = out.reg_losses.mutable_data_ptr();
+  args.coord_losses = call.with_loss() ? out.coord_losses.mutable_data_ptr() : nullptr;
+  args.stats = out.stats.mutable_data_ptr();
+  const ForwardFn fn = kernels().forward[dtype_index(call.logits)];
+  at::parallel_for(0, g.maps, grain_size(g), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 
-  if (with_loss) {
-    const at::Tensor weights = optional_as(mask, acc);
-    if (acc == at::kDouble) {
-      *loss.mutable_data_ptr<double>() = cpu::average_loss(
-          coord_losses.const_data_ptr<double>(), reg_losses.const_data_ptr<double>(),
-          weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps, reg_weight);
+  if (call.with_loss()) {
+    const at::Tensor weights = optional_as(call.mask, call.acc);
+    const double reg_weight = call.options.reg_weight;
+    if (call.acc == at::kDouble) {
+      *out.loss.mutable_data_ptr<double>() =
+          average_loss(out.coord_losses.const_data_ptr<double>(), out.reg_losses.const_data_ptr<double>(),
+                       weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps, reg_weight);
     } else {
-      *loss.mutable_data_ptr<float>() = cpu::average_loss(
-          coord_losses.const_data_ptr<float>(), reg_losses.const_data_ptr<float>(),
-          weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps, reg_weight);
+      *out.loss.mutable_data_ptr<float>() =
+          average_loss(out.coord_losses.const_data_ptr<float>(), out.reg_losses.const_data_ptr<float>(),
+                       weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps, reg_weight);
     }
   }
-  return {coords, variance, reg_losses, coord_losses, loss, stats};
+  return out.result();
 }
 
-BackwardResult dsnt_bwd_cpu(const std::optional<at::Tensor>& grad_coords,
-                            const std::optional<at::Tensor>& grad_variance,
-                            const std::optional<at::Tensor>& grad_reg_losses,
-                            const std::optional<at::Tensor>& grad_coord_losses,
-                            const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
-                            const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                            const std::optional<at::Tensor>& beta_map,
-                            const std::optional<at::Tensor>& sigma_t_map, const at::Tensor& coords,
-                            const at::Tensor& variance, const at::Tensor& stats,
-                            c10::string_view normalization, double beta, bool normalized_coordinates,
-                            c10::string_view reg, double sigma_t, c10::string_view coord_loss,
-                            double reg_weight, bool needs_target_grad, bool needs_beta_grad) {
-  using cpu::has;
-  const OpOptions o =
-      parse_options(normalization, beta, normalized_coordinates, reg, sigma_t, coord_loss, reg_weight);
-  const MapGeometry g = check_forward_inputs(logits, target, mask, beta_map, sigma_t_map, o);
-  check_backward_inputs(g, logits, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
-                        coords, variance, stats, o);
-  const at::ScalarType acc = accumulation_type(logits);
-  const auto opts = logits.options().dtype(acc);
+BackwardResult Host::backward(const BackwardCall& call) {
+  const ForwardCall& f = call.forward;
+  const MapGeometry& g = f.geometry;
+  const OpOptions& o = f.options;
+  const at::ScalarType acc = f.acc;
+  const auto opts = f.acc_options();
   // Without a coordinate loss its gradients (empty tensors, if any) are no gradient.
-  const bool with_loss = o.coord_loss != CoordLoss::None;
-  const std::optional<at::Tensor> grad_cl = with_loss ? grad_coord_losses : std::nullopt;
-  const std::optional<at::Tensor> grad_l = with_loss ? grad_loss : std::nullopt;
-  const bool target_grad = needs_target_grad && has(target);
-  const bool beta_grad = needs_beta_grad && has(beta_map) && o.normalization == Normalization::Softmax;
+  const std::optional<at::Tensor> grad_cl = f.with_loss() ? call.grad_coord_losses : std::nullopt;
+  const std::optional<at::Tensor> grad_l = f.with_loss() ? call.grad_loss : std::nullopt;
   // Whether any upstream gradient reaches the logits; without one every gradient is 0.
-  const bool reg_path = o.reg != Regularizer::None && (has(grad_reg_losses) || has(grad_l));
-  const bool any_path = has(grad_coords) || has(grad_variance) || reg_path || has(grad_cl) || has(grad_l);
+  const bool reg_path = o.reg != Regularizer::None && (has(call.grad_reg_losses) || has(grad_l));
+  const bool any_path =
+      has(call.grad_coords) || has(call.grad_variance) || reg_path || has(grad_cl) || has(grad_l);
 
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad_logits = at::empty(f.logits.sizes(), f.logits.options());
   at::Tensor grad_target = at::empty({g.batch, g.keypoints, g.dims}, opts);
-  at::Tensor grad_beta = beta_grad ? at::empty({g.batch, g.keypoints}, opts) : at::Tensor();
+  at::Tensor grad_beta = call.beta_grad ? at::empty({g.batch, g.keypoints}, opts) : at::Tensor();
   if (!any_path || g.maps == 0) {
     grad_logits.zero_();
     grad_target.zero_();
     if (grad_beta.defined()) grad_beta.zero_();
   } else {
-    cpu::BackwardArgs args;
-    const cpu::MapInputTensors inputs =
-        cpu::fill_map_args(args.map, g, o, logits, target, beta_map, sigma_t_map);
-    const at::Tensor gc = optional_as(grad_coords, acc), gv = optional_as(grad_variance, acc);
-    const at::Tensor gr = optional_as(grad_reg_losses, acc), gcl = optional_as(grad_cl, acc);
-    const at::Tensor weights = optional_as(mask, acc), gl = optional_as(grad_l, acc);
-    const at::Tensor c = coords.to(acc).contiguous(), v = variance.to(acc).contiguous();
-    const at::Tensor st = stats.to(acc).contiguous();
-    args.grad_coords = cpu::data_or_null(gc);
-    args.grad_variance = cpu::data_or_null(gv);
-    args.grad_reg_losses = cpu::data_or_null(gr);
-    args.grad_coord_losses = cpu::data_or_null(gcl);
-    args.mask = cpu::data_or_null(weights);
+    BackwardArgs args;
+    const MapInputTensors inputs = fill_map_args(args.map, f);
+    const at::Tensor gc = optional_as(call.grad_coords, acc), gv = optional_as(call.grad_variance, acc);
+    const at::Tensor gr = optional_as(call.grad_reg_losses, acc), gcl = optional_as(grad_cl, acc);
+    const at::Tensor weights = optional_as(f.mask, acc), gl = optional_as(grad_l, acc);
+    const at::Tensor c = call.coords.to(acc).contiguous(), v = call.variance.to(acc).contiguous();
+    const at::Tensor st = call.stats.to(acc).contiguous();
+    args.grad_coords = data_or_null(gc);
+    args.grad_variance = data_or_null(gv);
+    args.grad_reg_losses = data_or_null(gr);
+    args.grad_coord_losses = data_or_null(gcl);
+    args.mask = data_or_null(weights);
     if (gl.defined()) {
       args.loss_scale =
           acc == at::kDouble
-              ? cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps)
-              : cpu::loss_scale(gl, weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps);
+              ? loss_scale(gl, weights.defined() ? weights.const_data_ptr<double>() : nullptr, g.maps)
+              : loss_scale(gl, weights.defined() ? weights.const_data_ptr<float>() : nullptr, g.maps);
     }
     args.reg_path = reg_path;
-    args.needs_target_grad = target_grad;
+    args.needs_target_grad = call.target_grad;
     args.coords = c.const_data_ptr();
     args.variance = v.const_data_ptr();
     args.stats = st.const_data_ptr();
     args.grad_logits = grad_logits.mutable_data_ptr();
     args.grad_target = grad_target.mutable_data_ptr();
     args.grad_beta = grad_beta.defined() ? grad_beta.mutable_data_ptr() : nullptr;
-    const cpu::BackwardFn fn = cpu::kernels().backward[cpu::dtype_index(logits)];
-    at::parallel_for(0, g.maps, cpu::grain_size(g),
-                     [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+    const BackwardFn fn = kernels().backward[dtype_index(f.logits)];
+    at::parallel_for(0, g.maps, grain_size(g), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
   }
-  if (has(target) && target->scalar_type() != acc) grad_target = grad_target.to(target->scalar_type());
-  if (has(beta_map) && !grad_beta.defined()) grad_beta = at::zeros({g.batch, g.keypoints}, opts);
-  return {grad_logits, grad_target, reduce_beta_grad(grad_beta, beta_map, logits)};
+  if (has(f.target) && f.target->scalar_type() != acc) grad_target = grad_target.to(f.target->scalar_type());
+  if (has(f.beta_map) && !grad_beta.defined()) grad_beta = at::zeros({g.batch, g.keypoints}, opts);
+  return {grad_logits, grad_target, reduce_beta_grad(grad_beta, f.beta_map, f.logits)};
 }
 
+}  // namespace
+}  // namespace cpu
 }  // namespace dsnt_cuda
 
 TORCH_LIBRARY_IMPL(dsnt_cuda, CPU, m) {
-  m.impl("dsnt_fwd", &dsnt_cuda::dsnt_fwd_cpu);
-  m.impl("dsnt_bwd", &dsnt_cuda::dsnt_bwd_cpu);
+  m.impl("dsnt_fwd", &dsnt_cuda::dsnt_fwd_entry<dsnt_cuda::cpu::Host>);
+  m.impl("dsnt_bwd", &dsnt_cuda::dsnt_bwd_entry<dsnt_cuda::cpu::Host>);
 }

@@ -26,21 +26,13 @@ namespace dsnt_cuda::cpu::DSNT_CPU_NS {
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename T>
-const PerMapScalar<T>& beta_of(const MapArgs& a) {
+// Of a (float, double) pair of MapArgs members, the one of the accumulation type T.
+template <typename T, typename F, typename D>
+const auto& of_acc_type(const F& as_float, const D& as_double) {
   if constexpr (std::is_same_v<T, double>) {
-    return a.beta_d;
+    return as_double;
   } else {
-    return a.beta_f;
-  }
-}
-
-template <typename T>
-const PerMapScalar<T>& sigma_t_of(const MapArgs& a) {
-  if constexpr (std::is_same_v<T, double>) {
-    return a.sigma_t_d;
-  } else {
-    return a.sigma_t_f;
+    return as_float;
   }
 }
 
@@ -48,8 +40,8 @@ template <typename T>
 MapInputs<T> map_inputs(const MapArgs& a, int64_t m) {
   const int64_t b = m / a.geometry.keypoints, l = m % a.geometry.keypoints;
   MapInputs<T> in;
-  in.beta = beta_of<T>(a).at(b, l);
-  in.sigma_t = sigma_t_of<T>(a).at(b, l);
+  in.beta = of_acc_type<T>(a.beta_f, a.beta_d).at(b, l);
+  in.sigma_t = of_acc_type<T>(a.sigma_t_f, a.sigma_t_d).at(b, l);
   in.mu = a.target != nullptr ? static_cast<const T*>(a.target) + m * a.geometry.dims : nullptr;
   return in;
 }

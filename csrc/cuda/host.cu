@@ -4,6 +4,6 @@
 #include "host_common.cuh"
 
 TORCH_LIBRARY_IMPL(dsnt_cuda, DSNT_CUDA_DISPATCH_KEY, m) {
-  m.impl("dsnt_fwd", &dsnt_cuda::dsnt_fwd_cuda);
-  m.impl("dsnt_bwd", &dsnt_cuda::dsnt_bwd_cuda);
+  m.impl("dsnt_fwd", &dsnt_cuda::dsnt_fwd_entry<dsnt_cuda::CudaHost>);
+  m.impl("dsnt_bwd", &dsnt_cuda::dsnt_bwd_entry<dsnt_cuda::CudaHost>);
 }

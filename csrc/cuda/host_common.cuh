@@ -9,6 +9,7 @@
 
 #include "dsnt_ops.h"
 #include "launchers.h"
+#include "op_call.h"
 #include "torch_launch.cuh"
 
 #ifndef DSNT_CUDA_EMULATION
@@ -18,24 +19,17 @@
 
 namespace dsnt_cuda {
 
-// The entry points (host_forward.cu, host_backward.cu), registered in host.cu.
-ForwardResult dsnt_fwd_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& target,
-                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& beta_map,
-                            const std::optional<at::Tensor>& sigma_t_map, c10::string_view normalization,
-                            double beta, bool normalized_coordinates, c10::string_view reg, double sigma_t,
-                            c10::string_view coord_loss, double reg_weight);
-BackwardResult dsnt_bwd_cuda(const std::optional<at::Tensor>& grad_coords,
-                             const std::optional<at::Tensor>& grad_variance,
-                             const std::optional<at::Tensor>& grad_reg_losses,
-                             const std::optional<at::Tensor>& grad_coord_losses,
-                             const std::optional<at::Tensor>& grad_loss, const at::Tensor& logits,
-                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                             const std::optional<at::Tensor>& beta_map,
-                             const std::optional<at::Tensor>& sigma_t_map, const at::Tensor& coords,
-                             const at::Tensor& variance, const at::Tensor& stats,
-                             c10::string_view normalization, double beta, bool normalized_coordinates,
-                             c10::string_view reg, double sigma_t, c10::string_view coord_loss,
-                             double reg_weight, bool needs_target_grad, bool needs_beta_grad);
+// The CUDA backend of the op entries (op_call.h), registered in host.cu: forward in
+// host_forward.cu, backward in host_backward.cu.
+struct CudaHost {
+  // The logits' device, checked and made current before anything else.
+  struct Scope : DeviceScope {
+    Scope(const at::Tensor& logits, bool backward)
+        : DeviceScope(logits, backward ? "dsnt_bwd (CUDA): logits" : "dsnt_fwd (CUDA): logits") {}
+  };
+  static ForwardResult forward(const ForwardCall& call);
+  static BackwardResult backward(const BackwardCall& call);
+};
 
 // Logits whose in-map element offsets fit 32 bits (the kernels' row offsets): the tensor
 // itself, or (a map spanning 2^31 elements or more of memory, e.g. huge strides) a contiguous copy.
