@@ -166,7 +166,7 @@ struct Barrier {
   Barrier(const char* n, uint32_t e) : name(n), expected(e) {}
   void arrive_and_wait();
   void leave() {
-    exited.fetch_add(1, std::memory_order_relaxed);
+    exited.fetch_add(1, std::memory_order_release);
     queue.bump();
     queue.wake();
   }
@@ -228,7 +228,9 @@ void wait(WaitQueue& q, Done done, Stuck stuck, const char* what) {
   const auto start = std::chrono::steady_clock::now();
   for (int tries = 0; !done(); ++tries) {
     if (self->launch->failed.load(std::memory_order_relaxed)) throw Abort{};
-    if (const std::string why = stuck(); !why.empty()) fail(why);
+    // done() again after stuck(): the threads seen gone may have passed this very barrier (and
+    // run to the end of the kernel) between the two looks, which is no divergence.
+    if (const std::string why = stuck(); !why.empty() && !done()) fail(why);
     if (tries == 0) {  // the others are often just behind: let them run first
       sched_yield();
       continue;
@@ -258,7 +260,7 @@ inline void Barrier::arrive_and_wait() {
   wait(
       queue, [&] { return generation.load(std::memory_order_acquire) != gen; },
       [&] {
-        const uint32_t gone = exited.load(std::memory_order_relaxed);
+        const uint32_t gone = exited.load(std::memory_order_acquire);
         return gone == 0 ? std::string()
                          : std::string(name) + ": " + std::to_string(gone) +
                                " thread(s) returned from the kernel and can never arrive (a barrier in "
