@@ -5,8 +5,9 @@ Every size class (warp, block, cluster, streamed forward; warp, block, split bac
 with DSNT_CUDA_FORCE_CLASS on maps small enough for the emulator, forward and backward, 1-3-D
 maps, every logits dtype, both grids, each normalization and regularizer, every coordinate loss
 with and without a mask, beta / sigma_t as floats and as per-map tensors (with the beta
-gradient), None upstream gradients, the uniform fallback, NaN and -inf maps, strided
-(channels-last, transposed) and misaligned logits, empty batches; with NaN-filled outputs,
+gradient, and gradcheck in float64 w.r.t. logits, target and beta), None upstream gradients,
+the uniform fallback, NaN and -inf maps, strided (channels-last, transposed) and misaligned
+logits, empty batches; with NaN-filled outputs,
 poisoned shared memory and several blocks (a cluster's together) at once. A subset also runs
 under ThreadSanitizer and AddressSanitizer + UBSan (tests/test_cuda_emulated_sanitized.py). This
 checks logic, indexing and synchronization; it cannot see what only a GPU shows (memory model,
@@ -40,7 +41,13 @@ pytestmark = pytest.mark.skipif(shutil.which(emulate.CXX) is None or shutil.whic
 def emu():
     # A sanitized run (tests/test_cuda_emulated_sanitized.py) names its prebuilt library.
     library = os.environ.get("DSNT_EMU_LIBRARY") or emulate.build("ops-plain")[0]
-    return emulate.load_ops(library)
+    ops = emulate.load_ops(library)
+    if not hasattr(emu, "autograd"):  # the package's one autograd registration, once a process
+        from dsnt_cuda.ops import register_op_pair
+
+        register_op_pair("dsnt_emu::dsnt_fwd", ops.dsnt_bwd)
+        emu.autograd = True
+    return ops
 
 
 def check(emu, case, what=""):
@@ -115,6 +122,24 @@ def test_per_map_beta_and_sigma(emu, size_class, cls, kind):
     case = support.make_case(CLASS_SHAPE[cls], "softmax", "js", beta_kind=kind, sigma_kind=kind,
                              coord_loss="euclidean", mask=True)
     check(emu, case, kind)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "keypoint", "map"])
+@pytest.mark.parametrize("cls", [pytest.param(c, id=c) for c in ("warp", "block")])
+def test_gradcheck_logits_target_beta(emu, size_class, cls, kind):
+    """Finite differences (float64) of the emulated kernels through the autograd of the op pair,
+    w.r.t. the logits, the target and beta as one value, one per keypoint or one per map."""
+    size_class(cls)
+    case = support.make_case((2, 3, 5, 6), "softmax", "js", dtype=torch.float64, beta_kind=kind,
+                             sigma_kind="keypoint", coord_loss="euclidean", mask=True, sigma_t=0.8, seed=5)
+    leaves = [support.gradcheck_logits(case).clone().requires_grad_(True),
+              case.target.clone().requires_grad_(True), case.beta_map.clone().requires_grad_(True)]
+
+    def outputs(z, t, b):
+        outs = emu.dsnt_fwd(z, t, case.mask, b, case.sigma_t_map, *case.options())[:5]
+        return tuple(o for o in outs if o.numel() > 0)
+
+    assert torch.autograd.gradcheck(outputs, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("coord_loss", ["euclidean", "l1", "mse"])
