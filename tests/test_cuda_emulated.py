@@ -139,7 +139,7 @@ def test_gradcheck_logits_target_beta(emu, size_class, cls, kind):
         outs = emu.dsnt_fwd(z, t, case.mask, b, case.sigma_t_map, *case.options())[:5]
         return tuple(o for o in outs if o.numel() > 0)
 
-    assert torch.autograd.gradcheck(outputs, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(outputs, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("coord_loss", ["euclidean", "l1", "mse"])
