@@ -405,6 +405,11 @@ def cpp_ops():
     return torch.ops.dsnt_cuda.dsnt_fwd, torch.ops.dsnt_cuda.dsnt_bwd
 
 
+def check_cpp_ops(case: OpCase, what: str = ""):
+    """check_against_reference on the C++ op pair (for CPU cases: the CPU kernels)."""
+    return check_against_reference(*cpp_ops(), case, what)
+
+
 def assert_compiled_matches_eager(loss_fn, logits, target, backend="inductor") -> None:
     """torch.compile(loss_fn, fullgraph=True) gives eager's loss and its gradients with respect to
     `logits` and `target` (loss_fn's two arguments)."""

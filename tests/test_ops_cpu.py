@@ -27,7 +27,7 @@ from support import (
     ROOT,
     UPSTREAM,
     assert_compiled_matches_eager,
-    check_against_reference,
+    check_cpp_ops,
     cpp_ops,
     gradcheck_logits,
     make_case,
@@ -38,10 +38,6 @@ from support import (
 
 pytestmark = needs_cpu_kernels
 FWD, BWD = cpp_ops()
-
-
-def check(case, what=""):
-    return check_against_reference(FWD, BWD, case, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def test_float64_matches_reference(norm, reg):
         case = make_case(shape, norm, reg, dtype=torch.float64, seed=seed,
                          coord_loss=loss, normalized_coordinates=grid, beta_kind=beta_kind,
                          sigma_kind=sigma_kind, mask=mask, upstream=upstream)
-        check(case, f"{shape} {loss} {beta_kind}/{sigma_kind} {upstream}")
+        check_cpp_ops(case, f"{shape} {loss} {beta_kind}/{sigma_kind} {upstream}")
 
 
 def test_gradients_only_when_asked():
@@ -111,7 +107,7 @@ def test_low_precision_within_twice_reference_error(dtype, norm, reg):
     for k, (shape, loss, beta_kind, sigma_kind, mask) in enumerate(LOW_VARIANTS):
         case = make_case(shape, norm, reg, dtype=dtype, seed=17 * k + NORMS.index(norm) + 7 * REGS.index(reg),
                          coord_loss=loss, beta_kind=beta_kind, sigma_kind=sigma_kind, mask=mask)
-        check(case, f"{shape}")
+        check_cpp_ops(case, f"{shape}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from support import (
     ROOT,
     UPSTREAM,
     assert_close,
-    check_against_reference,
+    check_cpp_ops,
     cpp_ops,
     make_case,
     max_error,
@@ -33,10 +33,6 @@ from support import (
 
 pytestmark = needs_cpu_kernels
 FWD, BWD = cpp_ops()
-
-
-def check(case, what=""):
-    return check_against_reference(FWD, BWD, case, what)
 
 # ---------------------------------------------------------------------------------------------
 # Special values (docs/ops.md "Non-finite input")
@@ -51,7 +47,7 @@ def test_special_nan_stays_in_its_map(norm):
                              upstream=upstream, seed=52 + k)
             z = case.logits.clone()
             z[1, 2, 3, 1] = math.nan
-            outs, _ = check(replace(case, logits=z), f"{reg} {upstream}")
+            outs, _ = check_cpp_ops(replace(case, logits=z), f"{reg} {upstream}")
             assert outs[0][1, 2].isnan().all() and not outs[0][:, :2].isnan().any()
             assert outs[2][1, 2].isnan() == (reg != "none")
 
@@ -64,7 +60,7 @@ def test_special_minus_inf_and_all_minus_inf_softmax(dtype):
         z[0, 1, :2] = -math.inf  # p = 0 there
         z[1, 0, :, 3:] = -math.inf
         z[1, 1] = -math.inf  # a NaN map, as torch.softmax
-        outs, grads = check(replace(case, logits=z), reg)
+        outs, grads = check_cpp_ops(replace(case, logits=z), reg)
         assert (grads[0][0, 1, :2] == 0).all() and outs[0][1, 1].isnan().all()
 
 
@@ -90,7 +86,7 @@ def test_special_zero_sum_rectified_maps_are_uniform(dtype):
             case = make_case((2, 2, 3, 5), norm, reg, dtype=dtype, coord_loss="euclidean", seed=51)
             z = case.logits.clone()
             z[1, 0] = fill
-            outs, grads = check(replace(case, logits=z), f"{norm} {fill} {reg}")
+            outs, grads = check_cpp_ops(replace(case, logits=z), f"{norm} {fill} {reg}")
             assert outs[5][1, 0, 1] == 0 and (grads[0][1, 0] == 0).all()  # stats denom 0, no gradient
 
 
@@ -102,11 +98,11 @@ def test_special_huge_and_infinite_logits():
             z = case.logits.clone()
             z[0, 0] *= 1e30
             z[1, 1, 2, 3] = 1e30
-            check(replace(case, logits=z), f"huge {norm} {reg}")
+            check_cpp_ops(replace(case, logits=z), f"huge {norm} {reg}")
             z = case.logits.clone()
             z[0, 0, 1, 1] = math.inf
             z[1, 1, 2, 3] = -math.inf
-            check(replace(case, logits=z), f"inf {norm} {reg}")
+            check_cpp_ops(replace(case, logits=z), f"inf {norm} {reg}")
 
 
 @pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 5.6e-309)],
@@ -144,7 +140,7 @@ def test_precision_peaked_map_on_a_long_axis(peak):
     target = torch.tensor([[[(2 * peak + 1) / 8192 - 1 + 3e-4]]], dtype=torch.float64)
     for reg in ("none", "var", "js", "kl"):
         case = make_case((1, 1, 8192), "softmax", reg, dtype=torch.float32, coord_loss="euclidean", seed=1)
-        check(replace(case, logits=z, target=target), reg)
+        check_cpp_ops(replace(case, logits=z, target=target), reg)
 
 
 @pytest.mark.parametrize("reg", ["js", "kl"])
@@ -152,7 +148,7 @@ def test_precision_target_far_outside_the_map(reg):
     for k, mu in enumerate((3.0, -5.0, 20.0, 1e3)):
         case = make_case((2, 2, 16, 16), "softmax", reg, dtype=torch.float32, coord_loss="euclidean",
                          seed=60 + k)
-        check(replace(case, target=torch.full((2, 2, 2), mu, dtype=torch.float64)), str(mu))
+        check_cpp_ops(replace(case, target=torch.full((2, 2, 2), mu, dtype=torch.float64)), str(mu))
 
 
 @pytest.mark.parametrize("grid", [True, False])

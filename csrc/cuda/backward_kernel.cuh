@@ -273,28 +273,20 @@ __global__ void __launch_bounds__(256, 2) dsnt_bwd_kernel(const BwdArgs<scalar_t
   // `slices`), so its row records are built once.
   const int slice = kWarp ? 0 : static_cast<int>(blockIdx.x) % a.slices;
   const int v_first = slice * L.slice_vrows;
-  GroupMemory<T> gm;
-  gm.x_entries = sp.x_entries;
-  gm.x_origin = L.rows == 1 ? v_first * L.row_width : 0;
+  GroupPlace<T> place = place_group<kWarp, T>(L, sp, smem, v_first);
+  GroupMemory<T>& gm = place.gm;
   // No CTA sees another's sums here: every CTA sums whole axes itself. Its x tables cover the
   // whole x axis, except for one-row maps split over CTAs (below).
   gm.own_x = L.rows > 1 || a.slices == 1;
   gm.own_yz = true;
-  RowCoords<T>* rc = reinterpret_cast<RowCoords<T>*>(smem + sp.coords);
-  RowMemory* rm = reinterpret_cast<RowMemory*>(smem + sp.memory);
-  gm.coords = rc;
-  gm.memory = rm;
-  build_records(L, v_first, gm.x_origin, rc, rm);
-  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
-  const int t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
-  unsigned char* block = smem + sp.groups + group * sp.group_bytes;
-  T* scratch = reinterpret_cast<T*>(block + sp.scratch);
-  const BwdTables<T> tab = carve_backward_tables<T>(block, sp);
+  const int t = place.t;
+  T* scratch = place.scratch;
+  const BwdTables<T> tab = carve_backward_tables<T>(place.block, sp);
   const TilePlace<T> tp = tile_place<T>(L, t);
   DSNT_SYNCTHREADS(records_built);
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
-    for (int m = static_cast<int>(blockIdx.x) * warps + group; m < a.maps;
+    for (int m = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x / 32); m < a.maps;
          m += static_cast<int>(gridDim.x) * warps) {
       backward_map<scalar_t, kStandard>(a, m, 0, g, tp, gm, tab);
     }

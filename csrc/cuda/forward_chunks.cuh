@@ -125,6 +125,28 @@ DSNT_DEV Vals<T, V> weigh_chunk(const M& md, const Vals<T, V>& x, T shift, T bl,
   return w;
 }
 
+// Pass 3's y and z variance of a chunk (one row: one u_y, u_z) from its sum of w, pc.
+template <typename T>
+DSNT_DEV void add_yz_moments(const RowCoords<T>& r, const T (&ubar)[kMaxSpatialDims], T pc, T (&r3)[5]) {
+  const T dy = r.uy - ubar[1], dz = r.uz - ubar[2];
+  r3[1] += dy * dy * pc;
+  r3[2] += dz * dz * pc;
+}
+
+// Pass 3's scaled JS terms of a chunk: L = log2(e + q D) with q D = g~_x row_q; adds sum e L to
+// r3[3] and sum (q D) L to r3[4].
+template <typename T, int V>
+DSNT_DEV void add_scaled_js(const Vals<T, V>& e, const Vals<T, V>& gx, T row_q, T (&r3)[5]) {
+  T gl = T(0);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const T lg = Arith<T>::log2(gx.v[k] * row_q + e.v[k]);
+    r3[3] += e.v[k] * lg;
+    gl += gx.v[k] * lg;
+  }
+  r3[4] += row_q * gl;
+}
+
 // What pass 3 needs of a map besides the chunk.
 template <typename T, class M>
 struct SecondPass {
@@ -141,7 +163,6 @@ template <typename T, int V, class M>
 DSNT_DEV void second_moments_chunk(const SecondPass<T, M>& sp, const Vals<T, V>& x, Vals<T, V> w, int count,
                                    const RowCoords<T>& r, T ux_t, const Vals<T, V>& xg, const Vals<T, V>& xl,
                                    T row_q, T row_l, T (&r3)[5]) {
-  using A = Arith<T>;
   if (!sp.keep_e) {
 #pragma unroll
     for (int k = 0; k < V; ++k) w.v[k] = sp.weigh(x.v[k], k < count);
@@ -155,19 +176,10 @@ DSNT_DEV void second_moments_chunk(const SecondPass<T, M>& sp, const Vals<T, V>&
     r3[0] += w.v[k] * d * d;
     pc += w.v[k];
   }
-  const T dy = r.uy - sp.ubar[1], dz = r.uz - sp.ubar[2];
-  r3[1] += dy * dy * pc;
-  r3[2] += dz * dz * pc;
+  add_yz_moments(r, sp.ubar, pc, r3);
   if (!sp.div) return;
-  if (sp.keep_e) {  // L = log2(e + q D) with q D = g~_x (row_q); sum e L, sum q D L
-    T gl = T(0);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const T lg = A::log2(xg.v[k] * row_q + w.v[k]);
-      r3[3] += w.v[k] * lg;
-      gl += xg.v[k] * lg;
-    }
-    r3[4] += row_q * gl;
+  if (sp.keep_e) {
+    add_scaled_js(w, xg, row_q, r3);
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -185,18 +197,8 @@ template <typename T, int V>
 DSNT_DEV void second_moments_standard(const Vals<T, V>& e, const RowCoords<T>& r,
                                       const T (&ubar)[kMaxSpatialDims], const Vals<T, V>& gx, T row_q, T pc,
                                       T (&r3)[5]) {
-  using A = Arith<T>;
-  T gl = T(0);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const T lg = A::log2(gx.v[k] * row_q + e.v[k]);
-    r3[3] += e.v[k] * lg;
-    gl += gx.v[k] * lg;
-  }
-  r3[4] += row_q * gl;
-  const T dy = r.uy - ubar[1], dz = r.uz - ubar[2];
-  r3[1] += dy * dy * pc;
-  r3[2] += dz * dz * pc;
+  add_scaled_js(e, gx, row_q, r3);
+  add_yz_moments(r, ubar, pc, r3);
 }
 
 }  // namespace dsnt_cuda

@@ -40,6 +40,35 @@ DSNT_DEV void build_records(const TileLayout& L, int v_first, int x_origin, RowC
   }
 }
 
+// Where a group of threads (a warp of the warp class, else the CTA) works, forward and backward:
+// the row records of the CTA's slice (virtual rows from v_first), built here by the whole CTA,
+// and the group's own block of shared memory (its tables and reduction scratch).
+template <typename T>
+struct GroupPlace {
+  GroupMemory<T> gm;  // own_x / own_yz are the caller's
+  int t;              // the thread's index in its group
+  unsigned char* block;
+  T* scratch;
+};
+
+template <bool kWarp, typename T>
+DSNT_DEV GroupPlace<T> place_group(const TileLayout& L, const SmemPlan& sp, unsigned char* smem,
+                                   int v_first) {
+  GroupPlace<T> p;
+  p.gm.x_entries = sp.x_entries;
+  p.gm.x_origin = L.rows == 1 ? v_first * L.row_width : 0;
+  RowCoords<T>* rc = reinterpret_cast<RowCoords<T>*>(smem + sp.coords);
+  RowMemory* rm = reinterpret_cast<RowMemory*>(smem + sp.memory);
+  p.gm.coords = rc;
+  p.gm.memory = rm;
+  build_records(L, v_first, p.gm.x_origin, rc, rm);
+  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
+  p.t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
+  p.block = smem + sp.groups + group * sp.group_bytes;
+  p.scratch = reinterpret_cast<T*>(p.block + sp.scratch);
+  return p;
+}
+
 // Launch bounds: the warp class runs 256 threads (8 maps) a CTA and 2 CTAs an SM (128 registers:
 // at 3 CTAs, 80 registers, its 32 elements and per-map values did not fit and the compiler
 // recomputed the group's addresses in every map); the block class at most 128 threads (64
@@ -70,28 +99,19 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     ranks = cluster_num_blocks();
   }
   const int v_first = static_cast<int>(rank) * L.slice_vrows;
-  GroupMemory<T> gm;
-  gm.x_entries = sp.x_entries;
-  gm.x_origin = L.rows == 1 ? v_first * L.row_width : 0;
+  GroupPlace<T> place = place_group<kWarp, T>(L, sp, smem, v_first);
+  GroupMemory<T>& gm = place.gm;
   gm.own_x = rank == 0 || L.rows == 1;  // a slice of one row sums its own x range; else rank 0 all axes
   gm.own_yz = rank == 0;
-  RowCoords<T>* rc = reinterpret_cast<RowCoords<T>*>(smem + sp.coords);
-  RowMemory* rm = reinterpret_cast<RowMemory*>(smem + sp.memory);
-  gm.coords = rc;
-  gm.memory = rm;
-  build_records(L, v_first, gm.x_origin, rc, rm);
-
-  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
-  const int t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
-  unsigned char* block = smem + sp.groups + group * sp.group_bytes;
-  T* scratch = reinterpret_cast<T*>(block + sp.scratch);
-  gm.tab = carve_forward_tables<T>(block, sp);
+  const int t = place.t;
+  T* scratch = place.scratch;
+  gm.tab = carve_forward_tables<T>(place.block, sp);
   const TilePlace<T> tp = tile_place<T>(L, t);
   DSNT_SYNCTHREADS(records_built);
 
   int first, stride;
   if constexpr (kWarp) {
-    first = static_cast<int>(blockIdx.x) * warps + group;
+    first = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x / 32);
     stride = static_cast<int>(gridDim.x) * warps;
   } else {
     first = static_cast<int>(blockIdx.x / ranks);

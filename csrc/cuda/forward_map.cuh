@@ -23,6 +23,7 @@
 #pragma once
 
 #include "forward_chunks.cuh"
+#include "map_reductions.cuh"
 
 namespace dsnt_cuda {
 
@@ -82,33 +83,11 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
   }
   // the thread's x: u = x0 + k, x0 = its column's centred x (standard: every chunk's)
   const T x0 = tp.ux_t + (kStandard ? gm.coords[0].xoff : T(0));
-  // reduced: {sum w, sum w u_x, sum w u_y, sum w u_z, sum g~ per axis}
-  T s[7] = {ek[0], s4[0] + x0 * ek[0], s4[1], s4[2], part[0].g, part[1].g, part[2].g};
-#pragma unroll
-  for (int k = 1; k < V; ++k) {
-    s[0] += ek[k];
-    s[1] += (x0 + T(k)) * ek[k];
-  }
-  g.sum(s, 1);
-
-  MapSums<T> ms;
-  ms.shift = shift;
-  ms.weight = s[0];
-  ms.uniform = md.rectified() && s[0] == T(0);
-  const T inv_w = md.none() ? T(1) : (ms.uniform ? T(0) : T(1) / s[0]);
-#pragma unroll
-  for (int k = 0; k < kMaxSpatialDims; ++k) ms.ubar[k] = s[1 + k] * inv_w;
-  ms.log2_weight = md.none() ? T(0) : A::log2(s[0]);
-  TargetNorm<T> tn{};
-  if (div) {
-    TargetAxisSums<T> ts[kMaxSpatialDims];
-#pragma unroll
-    for (int k = 0; k < kMaxSpatialDims; ++k) ts[k] = {axes[k].off, s[4 + k], T(0)};
-    tn = target_norm(ts, L.dims);
-  }
+  FirstMoments<T> f = reduce_first_moments(md, g, ek, s4, x0, part, axes, shift, L.dims, div);
+  const MapSums<T>& ms = f.ms;
 
   // ---- pass 3: centred second moments, divergence terms
-  const T q_scale = tn.scale * (keep_e ? s[0] : T(1));  // scaled JS works with q D
+  const T q_scale = q_scale_of(f, keep_e);  // scaled JS works with q D
   T r3[5] = {T(0), T(0), T(0), T(0), T(0)};
   if constexpr (kStandard) {
     Vals<T, V> gx = *reinterpret_cast<const Vals<T, V>*>(gm.tab.xg + tp.x_t);
@@ -124,11 +103,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
       second_moments_standard(tile.get(c), gm.coords[v], ms.ubar, gx, gm.tab.rg[v], pcs[c], r3);
     }
   } else {
-    SecondPass<T, M> sp{
-        {md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, keep_e};
-    // p = w * inv_p; log2 p = log2 w + log2_inv_p (none: p = z)
-    sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
-    sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
+    const SecondPass<T, M> sp = second_pass_of(md, f, bl, L.map_size, div, keep_e);
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int v = tp.row(c);
@@ -142,29 +117,14 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
         row_q = gm.tab.rg[v] * q_scale;
         if (!keep_e) {
           xl = *reinterpret_cast<const Vals<T, V>*>(gm.tab.xl + xi);
-          row_l = gm.tab.rl[v] - tn.log2_norm;
+          row_l = gm.tab.rl[v] - f.tn.log2_norm;
         }
       }
       const Vals<T, V> x = tile.get(c);
       second_moments_chunk<T, V>(sp, x, x, count, r, tp.ux_t, xg, xl, row_q, row_l, r3);
     }
   }
-  // reduced for the leader: the centred moments, the divergence sums, sum e a, sum g~ l per axis
-  T r[9] = {r3[0], r3[1], r3[2], r3[3], r3[4], s4[3], part[0].gl, part[1].gl, part[2].gl};
-  g.sum(r, 2);
-  if (g.leader()) {
-#pragma unroll
-    for (int k = 0; k < kMaxSpatialDims; ++k) {
-      ms.centred[k] = r[k];
-      ms.target_off[k] = axes[k].off;
-      ms.target_g[k] = s[4 + k];
-      ms.target_gl[k] = r[6 + k];
-    }
-    ms.div_a = keep_e ? r[5] : r[3];
-    ms.div_b = keep_e ? r[3] : r[4];
-    ms.div_c = r[4];
-    write_map_outputs<kStandard>(out, m, ms, sigma_t);
-  }
+  reduce_and_write<kStandard>(g, out, m, f, r3, s4[3], part, axes, keep_e, sigma_t);
 }
 
 }  // namespace dsnt_cuda

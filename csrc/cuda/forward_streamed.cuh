@@ -141,34 +141,12 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
         }
       }
     }
-    T s[7] = {ek[0], s4[0] + ux_t * ek[0], s4[1], s4[2], part[0].g, part[1].g, part[2].g};
-#pragma unroll
-    for (int k = 1; k < V; ++k) {
-      s[0] += ek[k];
-      s[1] += (ux_t + T(k)) * ek[k];
-    }
-    g.sum(s, 1);
-
-    MapSums<T> ms;
-    ms.shift = shift;
-    ms.weight = s[0];
-    ms.uniform = md.rectified() && s[0] == T(0);
-    const T inv_w = md.none() ? T(1) : (ms.uniform ? T(0) : T(1) / s[0]);
-    for (int k = 0; k < kMaxSpatialDims; ++k) ms.ubar[k] = s[1 + k] * inv_w;
-    ms.log2_weight = md.none() ? T(0) : A::log2(s[0]);
-    TargetNorm<T> tn{};
-    if (div) {
-      TargetAxisSums<T> ts[kMaxSpatialDims];
-      for (int k = 0; k < kMaxSpatialDims; ++k) ts[k] = {axes[k].off, s[4 + k], T(0)};
-      tn = target_norm(ts, L.dims);
-    }
+    FirstMoments<T> f = reduce_first_moments(md, g, ek, s4, ux_t, part, axes, shift, L.dims, div);
+    const MapSums<T>& ms = f.ms;
 
     // ---- pass B
-    SecondPass<T, M> sp{
-        {md, shift, bl, ms.uniform}, {ms.ubar[0], ms.ubar[1], ms.ubar[2]}, T(0), T(0), div, scaled_js};
-    sp.inv_p = md.none() ? T(1) : (ms.uniform ? T(1) / T(L.map_size) : inv_w);
-    sp.log2_inv_p = md.none() ? T(0) : (ms.uniform ? -A::log2(T(L.map_size)) : -ms.log2_weight);
-    const T q_scale = tn.scale * (scaled_js ? s[0] : T(1));
+    const SecondPass<T, M> sp = second_pass_of(md, f, bl, L.map_size, div, scaled_js);
+    const T q_scale = q_scale_of(f, scaled_js);
     T r3[5] = {T(0), T(0), T(0), T(0), T(0)};
     Vals<T, V> xg_t{}, xl_t{};  // standard: a thread's x is the same in every chunk, its factors once
     if (kStandard && div) {
@@ -194,7 +172,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           target_entry(axes[1], rc.uy, gy, ly);
           target_entry(axes[2], rc.uz, gz, lz);
           row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
-          row_l = ly + lz - tn.log2_norm;
+          row_l = ly + lz - f.tn.log2_norm;
           if (kStandard) {
             xg = xg_t;
             xl = xl_t;
@@ -216,20 +194,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       }
       cur = next;
     }
-    T r[9] = {r3[0], r3[1], r3[2], r3[3], r3[4], s4[3], part[0].gl, part[1].gl, part[2].gl};
-    g.sum(r, 2);
-    if (g.leader()) {
-      for (int k = 0; k < kMaxSpatialDims; ++k) {
-        ms.centred[k] = r[k];
-        ms.target_off[k] = axes[k].off;
-        ms.target_g[k] = s[4 + k];
-        ms.target_gl[k] = r[6 + k];
-      }
-      ms.div_a = scaled_js ? r[5] : r[3];
-      ms.div_b = scaled_js ? r[3] : r[4];
-      ms.div_c = r[4];
-      write_map_outputs<kStandard>(out, m, ms, sigma_t);
-    }
+    reduce_and_write<kStandard>(g, out, m, f, r3, s4[3], part, axes, scaled_js, sigma_t);
   }
   finish_loss(a, scratch);
 }

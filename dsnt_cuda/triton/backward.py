@@ -21,20 +21,11 @@ from dsnt_cuda.triton.map_math import (
     target_mean_grad,
     target_mean_grad_coef,
 )
+from dsnt_cuda.triton.map_stats import load_map_stats
 from dsnt_cuda.triton.math import (
     AXES,
-    JS,
-    KL,
     LN2,
-    LOSS_NONE,
-    NONE,
-    RELU,
-    SOFTMAX,
-    STAT_DENOM,
-    STAT_DIV_GRAD,
-    STAT_MASS,
-    STAT_MEAN,
-    STAT_SHIFT,
+    LOG2_FLOOR,
     PerAxis,
     exp2,
     floor_at,
@@ -44,12 +35,13 @@ from dsnt_cuda.triton.math import (
     kl_grad_p,
     kl_target_weight,
     log2,
-    log2_floor,
+    precision,
     rectified_log2,
     rectify,
     rectify_grad,
     softmax_log2_weight,
 )
+from dsnt_cuda.triton.modes import JS, KL, LOSS_NONE, NONE, RELU, SOFTMAX
 from dsnt_cuda.triton.tiles import (
     MapTile,
     Target,
@@ -107,7 +99,7 @@ def dot_axes(a: PerAxis, b: PerAxis):
 @triton.jit
 def tile_probabilities(z, tile: MapTile, n: Probabilities, NORM: tl.constexpr):
     # (p, log2 p) from the logits and the map's stats; log2 p floored (0 * log2 p = 0)
-    floor = log2_floor(z)
+    floor = precision(z, LOG2_FLOOR)
     if NORM == SOFTMAX:
         w = softmax_log2_weight(z, shift_base(n.shift), n.beta_log2e)
         l2p = tl.maximum(w - n.log2_denom, floor)
@@ -199,17 +191,17 @@ def _dsnt_bwd_kernel(
                       variance, mu, sigma_t, reg_weight, NDIM, REG, COORD_LOSS)
 
     # ---- the map's normalizer and the per-axis coefficients of G ---------------------------
-    stats = stats_ptr + map_id * (STAT_MEAN + NDIM)
-    denom = tl.load(stats + STAT_DENOM)
-    mass = tl.load(stats + STAT_MASS)
-    ubar = load_axes(stats + STAT_MEAN, NDIM, ACC)
+    stats = load_map_stats(stats_ptr, map_id, NDIM, ACC)
+    denom = stats.denom
+    mass = stats.mass
+    ubar = stats.ubar
     uniform = denom == 0.0
     if NORM == SOFTMAX or NORM == NONE:
         uniform = zero != 0.0
     denom_p = tl.where(uniform, zero + MAP_SIZE, denom)
-    n = Probabilities(tl.load(stats + STAT_SHIFT), beta * 1.4426950408889634, 1.0 / denom_p,
+    n = Probabilities(stats.shift, beta * 1.4426950408889634, 1.0 / denom_p,
                       log2(denom_p), uniform)
-    div_grad = tl.load(stats + STAT_DIV_GRAD)
+    div_grad = stats.div_grad
     sum_pg = dot_axes(up.gamma, coords) + dot_axes(up.nu, variance) + up.omega * div_grad
     if NORM == SOFTMAX:
         g_scale = beta
@@ -263,7 +255,7 @@ def _dsnt_bwd_kernel(
             if BETA_GRAD:
                 # sum (z - shift) dz / beta; the floor makes -inf logits add 0 * finite
                 w = softmax_log2_weight(z, shift_base(n.shift), n.beta_log2e)
-                beta_sum += tl.sum(tl.maximum(w, log2_floor(w)) * grad)
+                beta_sum += tl.sum(tl.maximum(w, precision(w, LOG2_FLOOR)) * grad)
 
     # ---- this program's share of the target-mean and beta gradients ------------------------
     share = zeros

@@ -13,19 +13,10 @@ import triton
 import triton.language as tl
 
 from dsnt_cuda.triton.map_math import coord_loss_value
+from dsnt_cuda.triton.map_stats import MapStats, store_map_stats
 from dsnt_cuda.triton.math import (
-    JS,
-    KL,
     LN2,
-    LOSS_NONE,
-    NONE,
-    SOFTMAX,
-    STAT_DENOM,
-    STAT_DIV_GRAD,
-    STAT_MASS,
-    STAT_MEAN,
-    STAT_SHIFT,
-    VAR,
+    LOG2_FLOOR,
     PerAxis,
     add_js_terms,
     add_kl_terms,
@@ -33,12 +24,13 @@ from dsnt_cuda.triton.math import (
     floor_at,
     grid_affine,
     log2,
-    log2_floor,
     nan_max,
+    precision,
     rectified_log2,
     rectify,
     softmax_log2_weight,
 )
+from dsnt_cuda.triton.modes import JS, KL, LOSS_NONE, NONE, SOFTMAX, VAR
 from dsnt_cuda.triton.tiles import (
     MapTile,
     add_axes,
@@ -92,7 +84,7 @@ def tile_weights(z, tile: MapTile, shift, beta_log2e, uniform, NORM: tl.constexp
 def tile_probabilities(z, e, n: Normalizer, NORM: tl.constexpr):
     # (p, log2 p), log2 p floored so that 0 * log2 p is 0. The softmax floor is a plain max:
     # where it would hide a NaN, p is NaN itself.
-    floor = log2_floor(e)
+    floor = precision(e, LOG2_FLOOR)
     if NORM == SOFTMAX:
         l2p = tl.maximum(softmax_log2_weight(z, shift_base(n.shift), n.beta_log2e) - n.log2_denom, floor)
     elif NORM == NONE:
@@ -255,15 +247,10 @@ def _dsnt_fwd_kernel(
     tl.store(reg_losses_ptr + map_id, reg_value)
     if COORD_LOSS != LOSS_NONE:
         tl.store(coord_losses_ptr + map_id, coord_loss_value(coords, mu, NDIM, COORD_LOSS))
-    stats = stats_ptr + map_id * (STAT_MEAN + NDIM)
     denom = tl.where(n.uniform, 0.0, sums.total)
     if NORM == NONE:
         denom = tl.full([], 1.0, ACC)
-    tl.store(stats + STAT_SHIFT, sums.shift)
-    tl.store(stats + STAT_DENOM, denom)
-    tl.store(stats + STAT_MASS, mass)
-    tl.store(stats + STAT_DIV_GRAD, div_grad)
-    store_axes(stats + STAT_MEAN, ubar, NDIM)
+    store_map_stats(stats_ptr, map_id, MapStats(sums.shift, denom, mass, div_grad, ubar), NDIM)
 
 
 @triton.jit

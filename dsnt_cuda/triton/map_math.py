@@ -9,20 +9,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from dsnt_cuda.triton.math import (
-    EUCLIDEAN,
-    L1,
-    LOG2_DIV_EPS,
-    LOSS_NONE,
-    MSE,
-    SQRT_HALF_LOG2E,
-    VAR,
-    GridAffine,
-    PerAxis,
-    exp2,
-    log2,
-    splat,
-)
+from dsnt_cuda.triton.math import LOG2_DIV_EPS, SQRT_HALF_LOG2E, GridAffine, PerAxis, exp2, log2, splat
+from dsnt_cuda.triton.modes import EUCLIDEAN, L1, LOSS_NONE, MSE, VAR
 
 # ---- the separable Gaussian target (docs/math.md §4) --------------------------------------------
 

@@ -18,32 +18,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-# The enums of dsnt_math.h (same values), named once; NORMALIZATIONS etc. map the op's strings.
-SOFTMAX = tl.constexpr(0)
-ABS = tl.constexpr(1)
-RELU = tl.constexpr(2)
-SIGMOID = tl.constexpr(3)
-NONE = tl.constexpr(4)
-REG_NONE = tl.constexpr(0)
-JS = tl.constexpr(1)
-KL = tl.constexpr(2)
-VAR = tl.constexpr(3)
-LOSS_NONE = tl.constexpr(0)
-EUCLIDEAN = tl.constexpr(1)
-L1 = tl.constexpr(2)
-MSE = tl.constexpr(3)
-NORMALIZATIONS = {name: mode.value for name, mode in (
-    ("softmax", SOFTMAX), ("abs", ABS), ("relu", RELU), ("sigmoid", SIGMOID), ("none", NONE))}
-REGULARIZERS = {name: mode.value for name, mode in (("none", REG_NONE), ("js", JS), ("kl", KL), ("var", VAR))}
-COORD_LOSSES = {name: mode.value for name, mode in (
-    ("none", LOSS_NONE), ("euclidean", EUCLIDEAN), ("l1", L1), ("mse", MSE))}
-
-# Slots of `stats` (docs/ops.md): STAT_MEAN + k is ubar of axis k.
-STAT_SHIFT = tl.constexpr(0)
-STAT_DENOM = tl.constexpr(1)
-STAT_MASS = tl.constexpr(2)
-STAT_DIV_GRAD = tl.constexpr(3)
-STAT_MEAN = tl.constexpr(4)
+from dsnt_cuda.triton.modes import ABS, RELU, SIGMOID
 
 # Lanes of an axis vector (per-axis values stored at once): x, y, z and one more.
 AXES = tl.constexpr(4)
@@ -54,15 +29,11 @@ DIV_EPS = tl.constexpr(1e-24)
 LOG2_DIV_EPS = tl.constexpr(-79.726274144432671)
 SQRT_HALF_LOG2E = tl.constexpr(0.84932180028801904272150283410288961)
 
-# Precision<float> / Precision<double>.
-FAR_LOG2_F32 = tl.constexpr(24.0)
-FAR_LOG2_F64 = tl.constexpr(53.0)
-TINY_F32 = tl.constexpr(1.6777216e-17)
-TINY_F64 = tl.constexpr(9.007199254740992e-09)
-LOG2_FLOOR_F32 = tl.constexpr(-160.0)
-LOG2_FLOOR_F64 = tl.constexpr(-1100.0)
-MIN_NORMAL_F32 = tl.constexpr(1.17549435e-38)
-MIN_NORMAL_F64 = tl.constexpr(2.2250738585072014e-308)
+# Precision<T> of dsnt_math.h, as (float32, float64) pairs: precision(x, PAIR) picks x's.
+FAR_LOG2 = tl.constexpr((24.0, 53.0))
+TINY = tl.constexpr((1.6777216e-17, 9.007199254740992e-09))
+LOG2_FLOOR = tl.constexpr((-160.0, -1100.0))
+MIN_NORMAL = tl.constexpr((1.17549435e-38, 2.2250738585072014e-308))
 
 
 # Precision<T> as tensors of x's dtype: a float literal in a comparison, tl.where or
@@ -75,23 +46,9 @@ def splat(x, VALUE: tl.constexpr):
 
 
 @triton.jit
-def far_log2(x):
-    return splat(x, FAR_LOG2_F64 if x.dtype == tl.float64 else FAR_LOG2_F32)
-
-
-@triton.jit
-def tiny(x):
-    return splat(x, TINY_F64 if x.dtype == tl.float64 else TINY_F32)
-
-
-@triton.jit
-def log2_floor(x):
-    return splat(x, LOG2_FLOOR_F64 if x.dtype == tl.float64 else LOG2_FLOOR_F32)
-
-
-@triton.jit
-def min_normal(x):
-    return splat(x, MIN_NORMAL_F64 if x.dtype == tl.float64 else MIN_NORMAL_F32)
+def precision(x, PAIR: tl.constexpr):
+    """A Precision<T> constant (a pair above) for x's dtype (float16 / bfloat16 compute in float32)."""
+    return splat(x, PAIR[1] if x.dtype == tl.float64 else PAIR[0])
 
 
 # ---- Arith<V>: exp2 / log2 and NaN-aware selections -------------------------------------------
@@ -207,7 +164,7 @@ def rectified_log2(z, r, NORM: tl.constexpr):
         l2r = -log2(1.0 + exp2(z * -LOG2E))
     else:
         l2r = log2(r)
-    return floor_at(l2r, log2_floor(r))
+    return floor_at(l2r, precision(r, LOG2_FLOOR))
 
 
 # ---- divergence terms (docs/math.md §4, §6, §7) -------------------------------------------------
@@ -220,14 +177,14 @@ def log2_mid(p, l2p, q, l2q):
     # carries the smallest normal number: p + q needs no clamp before the logarithm (the header's
     # floor_at(p + q, kMinNormal), one instruction an element; the 1e-38 is far below any eps).
     hi = tl.maximum(l2p, l2q)
-    far = tl.abs(l2p - l2q) > far_log2(p)
+    far = tl.abs(l2p - l2q) > precision(p, FAR_LOG2)
     return tl.where(far, hi, log2(p + q)) - 1.0
 
 
 @triton.jit
 def log2_plus_eps(x, l2x):
     # log2(x + eps): the analytic log2 x where x + eps rounds to x, a real logarithm below.
-    return tl.where(x < tiny(x), log2(x + DIV_EPS), l2x)
+    return tl.where(x < precision(x, TINY), log2(x + DIV_EPS), l2x)
 
 
 @triton.jit
@@ -254,7 +211,7 @@ def js_grad_p(p, l2p, q, l2q, EXACT: tl.constexpr):
         m = 0.5 * (p + q)
         exact = (log2(p + DIV_EPS) - log2(m + DIV_EPS)
                  + (p / (p + DIV_EPS) - m / (m + DIV_EPS)) * LOG2E)
-        fast = tl.where(tl.minimum(p, m) < tiny(p), exact, fast)
+        fast = tl.where(tl.minimum(p, m) < precision(p, TINY), exact, fast)
     return fast
 
 
@@ -265,7 +222,7 @@ def kl_grad_p(p, l2p, q, l2q, EXACT: tl.constexpr):
     grad = l2p - l2q_eps + LOG2E
     if EXACT:
         exact = log2(p + DIV_EPS) - l2q_eps + p / (p + DIV_EPS) * LOG2E
-        grad = tl.where(p < tiny(p), exact, grad)
+        grad = tl.where(p < precision(p, TINY), exact, grad)
     return grad
 
 
@@ -277,4 +234,4 @@ def js_target_weight(p, l2p, q, l2q):
 
 @triton.jit
 def kl_target_weight(p, q):
-    return tl.where(q < tiny(q), -p * q / (q + DIV_EPS), -p)
+    return tl.where(q < precision(q, TINY), -p * q / (q + DIV_EPS), -p)

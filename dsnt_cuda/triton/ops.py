@@ -28,7 +28,7 @@ from dsnt_cuda import ops as _ops
 from dsnt_cuda.triton.backward import _dsnt_bwd_kernel
 from dsnt_cuda.triton.forward import _dsnt_fwd_kernel, _dsnt_loss_kernel
 from dsnt_cuda.triton.math import AXES as _AXES
-from dsnt_cuda.triton.math import COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
+from dsnt_cuda.triton.modes import COORD_LOSSES, NORMALIZATIONS, REGULARIZERS
 
 # Launch plan knobs, module attributes so that tests can lower them (looped paths, several
 # programs per map, per-axis loops with small maps). A map whose padded tile has at most

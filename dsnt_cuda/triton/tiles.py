@@ -21,7 +21,16 @@ from dsnt_cuda.triton.map_math import (
     target_log2_factor,
     target_norm,
 )
-from dsnt_cuda.triton.math import AXES, PerAxis, centred_offset, exp2, log2_floor, min_normal, nan_max
+from dsnt_cuda.triton.math import (
+    AXES,
+    LOG2_FLOOR,
+    MIN_NORMAL,
+    PerAxis,
+    centred_offset,
+    exp2,
+    nan_max,
+    precision,
+)
 
 
 class MapTile(NamedTuple):
@@ -292,7 +301,7 @@ def target_tile(t: Target, tile: MapTile, NDIM: tl.constexpr):
         l2_row += l2_z
         g_row *= g_z
     # Floored parts (NaN kept): log2 q stays finite where q is 0 (0 * log2 q must be 0, not NaN).
-    floor = log2_floor(l2_x)
+    floor = precision(l2_x, LOG2_FLOOR)
     return TargetTile(tl.maximum(l2_x, floor, propagate_nan=tl.PropagateNan.ALL), g_x,
                       tl.maximum(l2_row + t.log2_scale, floor, propagate_nan=tl.PropagateNan.ALL),
                       g_row * t.norm.scale)
@@ -302,5 +311,5 @@ def target_tile(t: Target, tile: MapTile, NDIM: tl.constexpr):
 def target_q(tt: TargetTile):
     # (q, log2 q) of the tile's elements; q + the smallest normal number, so that log2_mid's
     # log2(p + q) is finite without a clamp
-    q = tt.g_col[None, :] * tt.g_row[:, None] + min_normal(tt.g_col)
+    q = tt.g_col[None, :] * tt.g_row[:, None] + precision(tt.g_col, MIN_NORMAL)
     return q, tt.l2_col[None, :] + tt.l2_row[:, None]
