@@ -148,6 +148,11 @@ template <typename T>
 DSNT_HD T centred_offset(int64_t S) {
   return T(S - 1) * T(0.5);
 }
+// The same for an int size (the kernels' sizes): a 32-bit conversion, not a 64-bit one.
+template <typename T>
+DSNT_HD T centred_offset(int S) {
+  return T(S - 1) * T(0.5);
+}
 
 // The requested grid as an affine function of the centred coordinate: v = scale * u + offset.
 template <typename T>

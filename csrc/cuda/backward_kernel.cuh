@@ -31,8 +31,8 @@ DSNT_DEV void backward_map(const BwdArgs<scalar_t>& a, int m, int slice, const G
 
   uint32_t b, l;
   a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
-  const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
-  scalar_t* grad_map = a.grad_logits + static_cast<int64_t>(m) * L.map_size;
+  const scalar_t* map = opaque_global_pointer(a.logits + b * a.stride_b + l * a.stride_l);
+  scalar_t* grad_map = opaque_global_pointer(a.grad_logits + static_cast<int64_t>(m) * L.map_size);
   const bool vec = L.whole_chunks && aligned16(map);
   const scalar_t pad =
       (md.softmax() || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
     g.slots = reinterpret_cast<T*>(smem + sp.slots);
     g.rank = rank;
     g.ranks = ranks;
-    SharedTile<T, C, V> tile{reinterpret_cast<T*>(smem + sp.tile) + t * V, static_cast<int>(blockDim.x) * V};
+    SharedTile<T, C, V> tile{reinterpret_cast<T*>(smem + sp.tile) + t * (C + 1) * V};
     for (int m = first; m < a.maps; m += stride)
       forward_map<scalar_t, C, kStandard>(a, m, g, tile, tp, gm, out);
   } else {

@@ -41,7 +41,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
 
   uint32_t b, l;
   a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
-  const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
+  const scalar_t* map = opaque_global_pointer(a.logits + b * a.stride_b + l * a.stride_l);
   const bool vec = L.whole_chunks && aligned16(map);
   const scalar_t pad = (softmax || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
 
@@ -52,7 +52,8 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
   const T sigma_t = per_map_value(a.sigma_t, b, l);
   if (div) {
     target_axes(a.target + static_cast<int64_t>(m) * L.dims, sigma_t, L.size, L.dims, axes);
-    fill_axes(axes, L.size, gm.x_origin, gm.x_entries, gm.tab, gm.own_x, gm.own_yz, g.t, g.size(), part);
+    fill_axes<!kStandard>(axes, L.size, gm.x_origin, gm.x_entries, gm.tab, gm.own_x, gm.own_yz, g.t, g.size(),
+                          part);
   }
   T shift = T(0);
   if (softmax) {
@@ -67,7 +68,7 @@ DSNT_DEV void forward_map(const FwdArgs<scalar_t>& a, int m, const Group& g, Til
   }
   if (div) {
     g.sync();  // x, y, z tables written
-    fill_rows(L, gm.coords, gm.memory, gm.tab, g.t, g.size());
+    fill_rows<!kStandard>(L, gm.coords, gm.memory, gm.tab, g.t, g.size());
   }
 
   // ---- pass 2: weights and first moments

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
   for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
     uint32_t b, l;
     a.keypoints.divmod(static_cast<uint32_t>(m), b, l);
-    const scalar_t* map = a.logits + b * a.stride_b + l * a.stride_l;
+    const scalar_t* map = opaque_global_pointer(a.logits + b * a.stride_b + l * a.stride_l);
     const bool vec = L.whole_chunks && aligned16(map);
     const scalar_t pad = (softmax || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
     const T bl = per_map_value(a.beta, b, l) * T(kLog2e);

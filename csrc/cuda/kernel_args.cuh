@@ -141,7 +141,8 @@ DSNT_HD SmemPlan smem_plan(const TileLayout& L, int groups_per_cta, int warps_pe
   add(rt, n_rec);
   p.group_bytes = at;
   p.tile = p.groups + p.group_bytes * groups_per_cta;
-  p.slots = p.tile + (shared_tile ? align16(acc_size * L.group * chunks * L.vec) : 0);
+  // the shared tile: chunks + 1 per thread (map_tile.cuh, SharedTile: one chunk of padding)
+  p.slots = p.tile + (shared_tile ? align16(acc_size * L.group * (chunks + 1) * L.vec) : 0);
   p.total = p.slots + (shared_tile ? align16(acc_size * kRounds * kMaxReduce) : 0);
   return p;
 }

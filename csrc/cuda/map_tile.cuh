@@ -26,13 +26,14 @@ struct RegisterTile {
   }
 };
 
-// Chunk c of thread t at base[(c * G + t) * V]: a warp's accesses are consecutive 16-byte words.
+// Chunk c of thread t at tile[(t * (C + 1) + c) * V]: every chunk at a fixed offset from the
+// thread's own base, so no access needs address arithmetic; the one chunk of padding per thread
+// puts the 16-byte accesses of 8 consecutive threads (one shared-memory phase) on distinct banks.
 template <typename T, int C, int V>
 struct SharedTile {
-  T* base;
-  DSNT_DEV Vals<T, V> get(int c) const { return *reinterpret_cast<const Vals<T, V>*>(base + c * stride); }
-  DSNT_DEV void put(int c, const Vals<T, V>& r) { *reinterpret_cast<Vals<T, V>*>(base + c * stride) = r; }
-  int stride;  // G * V
+  T* base;  // tile + t * (C + 1) * V
+  DSNT_DEV Vals<T, V> get(int c) const { return *reinterpret_cast<const Vals<T, V>*>(base + c * V); }
+  DSNT_DEV void put(int c, const Vals<T, V>& r) { *reinterpret_cast<Vals<T, V>*>(base + c * V) = r; }
 };
 
 template <typename scalar_t>

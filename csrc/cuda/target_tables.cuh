@@ -77,8 +77,9 @@ struct TargetTables {
 
 // The x, y and z tables of a group in one loop over their entries (x entries [0, nx) for
 // x = x_first + i, then S_y, then S_z); entries past an axis are {0, floor}. The entries a
-// group owns (own_x, own_yz) are added to `sums`.
-template <typename T, class Tables>
+// group owns (own_x, own_yz) are added to `sums`. kLog2: the log2 tables are written too (the
+// scaled JS of the standard forward reads only the factors).
+template <bool kLog2 = true, typename T, class Tables>
 DSNT_DEV void fill_axes(const TargetAxis<T> (&axes)[kMaxSpatialDims], const int (&size)[kMaxSpatialDims],
                         int x_first, int nx, const Tables& tab, bool own_x, bool own_yz, int t, int step,
                         AxisPartial<T> (&sums)[kMaxSpatialDims]) {
@@ -91,12 +92,11 @@ DSNT_DEV void fill_axes(const TargetAxis<T> (&axes)[kMaxSpatialDims], const int 
     const TargetAxis<T> a = on_x ? axes[0] : (on_y ? axes[1] : axes[2]);
     const int S = on_x ? size[0] : (on_y ? size[1] : size[2]);
     T* g = on_x ? tab.xg + i : (on_y ? tab.yg + j : tab.zg + j);
-    T* l = on_x ? tab.xl + i : (on_y ? tab.yl + j : tab.zl + j);
     T gv = T(0), lv = Precision<T>::kLog2Floor;
     const T u = static_cast<T>(j) - centred_offset<T>(S);
     if (j < S) target_entry(a, u, gv, lv);
     *g = gv;
-    *l = lv;
+    if (kLog2) *(on_x ? tab.xl + i : (on_y ? tab.yl + j : tab.zl + j)) = lv;
     if (on_x ? own_x : own_yz) {
       const T gl = gv * lv, gu = gv * (u - a.centre);
       sums[0].g += k == 0 ? gv : T(0);
@@ -121,8 +121,8 @@ DSNT_DEV void row_indices(const TileLayout& L, const RowCoords<T>& rc, const Row
 }
 
 // The row table from the y and z tables: entry v for virtual row v of the group, the padding
-// record included (after a sync that made the y, z tables visible).
-template <typename T>
+// record included (after a sync that made the y, z tables visible). kLog2 as fill_axes.
+template <bool kLog2 = true, typename T>
 DSNT_DEV void fill_rows(const TileLayout& L, const RowCoords<T>* records, const RowMemory* memory,
                         const TargetTables<T>& tab, int t, int step) {
 #pragma unroll 1
@@ -130,7 +130,7 @@ DSNT_DEV void fill_rows(const TileLayout& L, const RowCoords<T>* records, const 
     int y, z;
     row_indices(L, records[v], memory[v], y, z);
     tab.rg[v] = y >= 0 ? tab.yg[y] * tab.zg[z] : T(0);
-    tab.rl[v] = y >= 0 ? tab.yl[y] + tab.zl[z] : Precision<T>::kLog2Floor;
+    if (kLog2) tab.rl[v] = y >= 0 ? tab.yl[y] + tab.zl[z] : Precision<T>::kLog2Floor;
   }
 }
 

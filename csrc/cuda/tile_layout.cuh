@@ -52,8 +52,8 @@ struct TileLayout {
 // Per virtual row, what the element passes need (one 16-byte load for float).
 template <typename T>
 struct alignas(16) RowCoords {
+  T uy, uz;   // centred y, z of the row (0 for absent axes); first, so one 8-byte load reads both
   T xoff;     // u_x of the row's first element: seg * row_width - (S_x - 1) / 2
-  T uy, uz;   // centred y, z of the row (0 for absent axes)
   int xbase;  // index of the row's first element in the x tables of this group
 };
 
