@@ -74,8 +74,8 @@ inline void backward_pass(const T* z, const Prob prob, const Workspace<T>& ws, T
         Vec<T> l2p;
         prob.p_and_log2(zv, p, l2p);
         p = zero_tail(p, n);
-        const Vec<T> q = load_part(fx + x, n, T(0)) * row_q;
         const Vec<T> l2q = floor_log2(load_part(lx + x, n, T(0)) + row_l2q);
+        const Vec<T> q = target_prob(load_part(fx + x, n, T(0)), row_q, l2q);
         if constexpr (kDiv == DivTerm::JS) {
           g = g + vomega * js_grad_p(p, l2p, q, l2q, Prob::kExact);
           if (target_grad) {

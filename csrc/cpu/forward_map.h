@@ -182,8 +182,8 @@ inline void divergence_sums(const T* z, const T* weights, const Prob prob, const
       const Vec<T> zv = load_part(zr + x, n, T(0)), wv = load_part(wr + x, n, T(0));
       const Vec<T> p = zero_tail(prob.prob(zv, wv), n);
       const Vec<T> l2p = prob.log2_prob(zv, wv);
-      const Vec<T> q = load_part(fx + x, n, T(0)) * row_q;  // 0 in the tail lanes
       const Vec<T> l2q = floor_log2(load_part(lx + x, n, T(0)) + row_l2q);
+      const Vec<T> q = target_prob(load_part(fx + x, n, T(0)), row_q, l2q);  // 0 in the tail lanes
       if constexpr (kJS) {
         add_js_terms(p, l2p, q, l2q, value, p_part);
       } else {
