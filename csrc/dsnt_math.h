@@ -146,13 +146,9 @@ struct Arith<double> : ScalarArith<double> {
 // =============================================================================================
 // Grids (docs/math.md §1). u(j) = j - (S-1)/2; v(j) = (2/S) u(j) (normalized) or j (pixel).
 
-template <typename T>
-DSNT_HD T centred_offset(int64_t S) {
-  return T(S - 1) * T(0.5);
-}
-// The same for an int size (the kernels' sizes): a 32-bit conversion, not a 64-bit one.
-template <typename T>
-DSNT_HD T centred_offset(int S) {
+// Any integer type of S: the kernels' int sizes then convert in 32 bits, not 64.
+template <typename T, typename Int>
+DSNT_HD T centred_offset(Int S) {
   return T(S - 1) * T(0.5);
 }
 

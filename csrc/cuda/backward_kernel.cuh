@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(256, 2) dsnt_bwd_kernel(const BwdArgs<scalar_t
   DSNT_SYNCTHREADS(records_built);
   if constexpr (kWarp) {
     const WarpGroup<T> g{t, scratch};
-    for (int m = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x / 32); m < a.maps;
+    for (int m = static_cast<int>(blockIdx.x) * warps + place.group; m < a.maps;
          m += static_cast<int>(gridDim.x) * warps) {
       backward_map<scalar_t, kStandard>(a, m, 0, g, tp, gm, tab);
     }

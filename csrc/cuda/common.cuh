@@ -62,8 +62,6 @@ DSNT_DEV T load_cg(const T* p) {
 #endif
 }
 
-// max(x, lo) for a constant lo that is not NaN: the same as Arith<T>::max(x, lo) (a NaN x gives
-// lo in both), in one instruction (FMNMX) where the ternary form takes two.
 // A global-memory pointer, opaque to the compiler: a map's base is then formed once and each
 // chunk's address is one IMAD.WIDE.U32 (base + 32-bit index), where nvcc would otherwise fold
 // the map's 64-bit offset into every chunk's address (four instructions a chunk). The assumption
@@ -77,6 +75,8 @@ DSNT_DEV P* opaque_global_pointer(P* p) {
   return p;
 }
 
+// max(x, lo) for a constant lo that is not NaN: the same as Arith<T>::max(x, lo) (a NaN x gives
+// lo in both), in one instruction (FMNMX) where the ternary form takes two.
 DSNT_DEV float max_with(float x, float lo) { return fmaxf(x, lo); }
 DSNT_DEV double max_with(double x, double lo) { return fmax(x, lo); }
 

@@ -46,6 +46,7 @@ DSNT_DEV void build_records(const TileLayout& L, int v_first, int x_origin, RowC
 template <typename T>
 struct GroupPlace {
   GroupMemory<T> gm;  // own_x / own_yz are the caller's
+  int group;          // the group's index in the CTA (its warp in the warp class, else 0)
   int t;              // the thread's index in its group
   unsigned char* block;
   T* scratch;
@@ -62,9 +63,9 @@ DSNT_DEV GroupPlace<T> place_group(const TileLayout& L, const SmemPlan& sp, unsi
   p.gm.coords = rc;
   p.gm.memory = rm;
   build_records(L, v_first, p.gm.x_origin, rc, rm);
-  const int group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
+  p.group = kWarp ? static_cast<int>(threadIdx.x / 32) : 0;
   p.t = kWarp ? static_cast<int>(threadIdx.x & 31) : static_cast<int>(threadIdx.x);
-  p.block = smem + sp.groups + group * sp.group_bytes;
+  p.block = smem + sp.groups + p.group * sp.group_bytes;
   p.scratch = reinterpret_cast<T*>(p.block + sp.scratch);
   return p;
 }
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(kFwdThreads<kClass>, kFwdMinBlocks<kClass>)
 
   int first, stride;
   if constexpr (kWarp) {
-    first = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x / 32);
+    first = static_cast<int>(blockIdx.x) * warps + place.group;
     stride = static_cast<int>(gridDim.x) * warps;
   } else {
     first = static_cast<int>(blockIdx.x / ranks);

@@ -6,14 +6,15 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dsnt_cuda.ops import STATS_BASE
 from dsnt_cuda.triton.tiles import load_axes, store_axes
 
-# Slots of a row: STAT_MEAN + k is ubar of axis k.
+# Slots of a row: the four scalars, then STAT_MEAN + k is ubar of axis k.
 STAT_SHIFT = tl.constexpr(0)
 STAT_DENOM = tl.constexpr(1)
 STAT_MASS = tl.constexpr(2)
 STAT_DIV_GRAD = tl.constexpr(3)
-STAT_MEAN = tl.constexpr(4)
+STAT_MEAN = tl.constexpr(STATS_BASE)
 
 
 class MapStats(NamedTuple):
