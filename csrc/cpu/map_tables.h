@@ -163,7 +163,7 @@ struct TargetTables {
     for_each_vector<T>(S, [&](int64_t j, int64_t n) DSNT_INLINE_LAMBDA {
       const Vec<T> l = target_log2_factor(load_part(u + j, n, T(0)), vc, vcoef);
       l.store(log2f + j, n);
-      vmax = at::vec::maximum(vmax, Vec<T>::set(Vec<T>(-kInf), l, n));  // NaN propagates
+      vmax = at::vec::maximum(vmax, fill_tail(l, n, -kInf));  // NaN propagates
     });
     const T off = hmax(vmax);
     // Every factor 0 (off = -inf): exp2(-inf - 0) = 0, not exp2(NaN).

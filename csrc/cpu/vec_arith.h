@@ -69,11 +69,17 @@ DSNT_ALWAYS_INLINE Vec<T> load_part(const T* p, int64_t count, T fill) {
   return Vec<T>::set(Vec<T>(fill), Vec<T>::loadu(p, count), count);
 }
 
+// Lanes >= count set to `fill` (Vec::set is out of line: not called for whole vectors).
+template <typename T>
+DSNT_ALWAYS_INLINE Vec<T> fill_tail(const Vec<T>& v, int64_t count, T fill) {
+  if (count == kLanes<T>) return v;
+  return Vec<T>::set(Vec<T>(fill), v, count);
+}
+
 // Lanes >= count set to 0.
 template <typename T>
 DSNT_ALWAYS_INLINE Vec<T> zero_tail(const Vec<T>& v, int64_t count) {
-  if (count == kLanes<T>) return v;
-  return Vec<T>::set(Vec<T>(T(0)), v, count);
+  return fill_tail(v, count, T(0));
 }
 
 // Calls step(x, count) over a row of `width` values: whole vectors, then one partial vector.
