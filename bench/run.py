@@ -23,7 +23,7 @@ import torch
 
 from bench import config, report
 from bench.providers import Kornia, Reference, ReferenceCompiled, kornia_to_dsntnn, make_providers
-from bench.timing import first_call_seconds, time_cpu, time_cuda
+from bench.timing import first_call_seconds, time_cpu, time_cpu_interleaved, time_cuda
 
 DEFAULT_OUT = os.path.join(report.REPO_ROOT, "bench", "results")
 
@@ -207,16 +207,30 @@ def main(argv=None) -> int:
     warning = report.load_warning(env)
     if warning:
         print(f"bench: warning: {warning}", flush=True)
+    # The providers of a case: name -> Timing, or the exception that stopped the provider. CPU:
+    # timed in turn (bench/timing.py), so that their ratios hold on a drifting machine; CUDA:
+    # one after the other (do_bench's L2 flush and events, per provider).
     if device.type == "cpu":
         min_run_time = config.CPU_MIN_RUN_TIME[level]
-        def timer(fn):
-            return time_cpu(fn, threads, min_run_time)
+
+        def time_case(steps):
+            return time_cpu_interleaved(steps, threads, min_run_time)
 
         def copy_timer(fn):
             return time_cpu(fn, threads, max(min_run_time, 0.2))
     else:
         warmup_ms, rep_ms = config.GPU_WARMUP_REP_MS[level]
-        timer = copy_timer = lambda fn: time_cuda(fn, warmup_ms, rep_ms)
+        copy_timer = lambda fn: time_cuda(fn, warmup_ms, rep_ms)  # noqa: E731
+
+        def time_case(steps):
+            timings = {}
+            for name, step in steps.items():
+                try:
+                    timings[name] = time_cuda(step, warmup_ms, rep_ms)
+                except Exception as error:  # noqa: BLE001
+                    timings[name] = error
+                    torch.cuda.empty_cache()
+            return timings
 
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
@@ -229,6 +243,13 @@ def main(argv=None) -> int:
     def skip(provider, case, reason):
         skip_reasons.setdefault((provider, reason), []).append(case)
         progress.write(f"  skip {provider} on {case}: {reason}")
+
+    def failed(provider, case, error):
+        progress.write("".join(traceback.format_exception(error, limit=-4)).rstrip())
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        skip(provider.name, case, f"failed: {type(error).__name__}: {message}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def flush_results():
         report.add_speedups(rows)
@@ -262,6 +283,7 @@ def main(argv=None) -> int:
             except Exception as error:  # noqa: BLE001  (e.g. out of memory: time the providers anyway)
                 progress.write(f"  no error check on {case}: the reference failed: {type(error).__name__}")
 
+        prepared = []  # (provider, fn, step, compile_s, err): warmed up and checked
         for provider in providers:
             progress.step(f"{case} {provider.name}")
             reason = provider.unavailable(device, sizes, dtype, mode, opts)
@@ -285,18 +307,24 @@ def main(argv=None) -> int:
                         got = kornia_to_dsntnn(got, sizes)
                     err = (got.float() - expected.float()).abs().max().item()
                 del out
-                timing = timer(step)
+            except Exception as error:  # noqa: BLE001  (a backend in progress must not stop the others)
+                failed(provider, case, error)
+                continue
+            prepared.append((provider, fn, step, compile_s, err))
+
+        timings = time_case({provider.name: step for provider, _, step, _, _ in prepared})
+        for provider, fn, step, compile_s, err in prepared:
+            timing = timings[provider.name]
+            try:
+                if isinstance(timing, Exception):
+                    raise timing
                 saved = saved_extra = peak = float("nan")
                 if mode == "training":
                     saved, saved_extra = saved_bytes(fn, x, target)
                 if device.type == "cuda":
                     peak = peak_extra_bytes(step, device)
-            except Exception as error:  # noqa: BLE001  (a backend in progress must not stop the others)
-                progress.write(traceback.format_exc(limit=-4).rstrip())
-                message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-                skip(provider.name, case, f"failed: {type(error).__name__}: {message}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            except Exception as error:  # noqa: BLE001
+                failed(provider, case, error)
                 continue
             if provider.note and provider.note not in notes:
                 notes.append(provider.note)
