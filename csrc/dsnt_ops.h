@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -87,5 +88,10 @@ at::Tensor reduce_beta_grad(const at::Tensor& per_map_grad, const std::optional<
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Autograd of an op pair with dsnt_fwd's / dsnt_bwd's schemas, by qualified names: a kernel at the
+// forward's Autograd key whose backward is the backward op (csrc/dsnt_autograd.cpp; the C++ pair
+// has it already). The one autograd registration of every fused backend.
+void register_autograd(const std::string& forward_op, const std::string& backward_op);
 
 }  // namespace dsnt_cuda

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "dsnt_ops.h"
+
 namespace dsnt_cuda {
 #ifdef DSNT_WITH_CUDA
 // Defined in csrc/cuda/build_info.cu, where nvcc's macros are visible.
@@ -34,4 +36,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dsnt_cuda's compiled kernels; the ops live in torch.ops.dsnt_cuda";
   m.def("build_info", &build_info, "torch version, CUDA version and GPU architectures of this build");
+  m.def(
+      "register_autograd", &dsnt_cuda::register_autograd, pybind11::arg("forward_op"),
+      pybind11::arg("backward_op"),
+      "the fused ops' autograd (csrc/dsnt_autograd.cpp) for an op pair with dsnt_fwd's / dsnt_bwd's schemas");
 }

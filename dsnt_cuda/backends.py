@@ -81,6 +81,9 @@ def _cpp_reason(name: str, dispatch_key: str, device: torch.device | None) -> st
 def _triton_reason(device: torch.device | None) -> str | None:
     if not _triton_installed():
         return "triton is not installed"
+    if not _extension.extension_loaded():  # dsnt_cuda.ops.register_op_pair
+        return ("the triton backend's autograd is in the C++ extension, which is not loaded "
+                f"({_extension.LOAD_ERROR})")
     if device is not None and device.type == "cpu":
         if triton_interpreter_enabled():
             return None

@@ -4,9 +4,9 @@ C++ registers the schemas and the CPU / CUDA kernels of `dsnt_cuda::dsnt_fwd` / 
 Triton backend registers `dsnt_cuda::dsnt_fwd_triton` / `dsnt_bwd_triton` with the same schemas.
 `register_ops` gives a pair its fake kernels (so `torch.compile`, `torch.export` and
 `torch.library.opcheck` can trace it) and, through `register_op_pair`, its autograd: the
-forward's backward is the pair's backward op, one registration for every backend. Nothing of
-heatmap size is saved: the logits, the small inputs and the per-map outputs coords / variance /
-stats.
+forward's backward is the pair's backward op, one registration for every backend, in C++
+(csrc/dsnt_autograd.cpp; the C++ pair registers it with its kernels). Nothing of heatmap size is
+saved: the logits, the small inputs and the per-map outputs coords / variance / stats.
 """
 
 import torch
@@ -80,73 +80,24 @@ def dsnt_bwd_fake(grad_coords, grad_variance, grad_reg_losses, grad_coord_losses
     return grad_logits, grad_target, grad_beta
 
 
-def register_op_pair(fwd_name: str, bwd_op, lib: torch.library.Library | None = None) -> None:
+def register_op_pair(fwd_name: str, bwd_op) -> None:
     """Autograd for a forward op with dsnt_fwd's schema (its fake kernel is registered apart).
 
-    `fwd_name` is the qualified name ("dsnt_cuda::dsnt_fwd"); `bwd_op` the matching backward op
-    (schema of dsnt_bwd), called as a function. Differentiable inputs: logits, target, beta_map.
-
-    This is what `torch.library.register_autograd` registers (a kernel at the Autograd key that
-    applies an autograd.Function and redispatches below autograd), without its per-call
-    generic argument handling, which costs ~80 us a training step on a slow CPU: the schema
-    has no defaults and no keyword-only arguments to restore.
+    `fwd_name` is the qualified name ("dsnt_cuda::dsnt_fwd_triton"); `bwd_op` the matching
+    backward op (schema of dsnt_bwd): its qualified name, or the op itself. Differentiable
+    inputs: logits, target, beta_map. The kernel is the C++ one of every fused pair
+    (csrc/dsnt_autograd.cpp): a Python autograd.Function cost ~40 us a training step.
     """
-    op = torch._library.utils.lookup_op(fwd_name)
-    unused_grads = (None,) * (len(FWD_ARGS) - 4)
-
-    def redispatch(keyset, args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    class DsntFwd(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, keyset, *args):
-            output = redispatch(keyset, args)
-            logits, target, mask, beta_map, sigma_t_map = args[:5]
-            coords, variance, _reg, _coord_losses, _loss, stats = output
-            ctx.save_for_backward(logits, target, mask, beta_map, sigma_t_map, coords, variance, stats)
-            ctx.options = args[5:]
-            ctx.mark_non_differentiable(stats)
-            # Unused outputs come as None instead of zero tensors: the op treats None as zeros.
-            ctx.set_materialize_grads(False)
-            return output
-
-        @staticmethod
-        def backward(ctx, grad_coords, grad_variance, grad_reg_losses, grad_coord_losses,
-                     grad_loss, _grad_stats):
-            logits, target, mask, beta_map, sigma_t_map, coords, variance, stats = ctx.saved_tensors
-            _, needs_logits, needs_target, _, needs_beta = ctx.needs_input_grad[:5]
-            needs_target = needs_target and target is not None
-            needs_beta = needs_beta and beta_map is not None
-            if not (needs_logits or needs_target or needs_beta):
-                return (None,) * (1 + len(FWD_ARGS))
-            grad_logits, grad_target, grad_beta = bwd_op(
-                grad_coords, grad_variance, grad_reg_losses, grad_coord_losses, grad_loss,
-                logits, target, mask, beta_map, sigma_t_map, coords, variance, stats,
-                *ctx.options, needs_target, needs_beta,
-            )
-            return (
-                None,  # the dispatch keyset
-                grad_logits if needs_logits else None,
-                grad_target if needs_target else None,
-                None,
-                grad_beta if needs_beta else None,
-                *unused_grads,
-            )
-
-    def autograd_kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return DsntFwd.apply(keyset, *args)
-        return redispatch(keyset, args)
-
-    namespace, name = fwd_name.split("::")
-    library = lib if lib is not None else torch.library.Library(namespace, "FRAGMENT")
-    library.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    _libraries.append(library)
-
-
-# The Library objects that hold the registrations (a registration lives as long as its Library).
-_libraries: list = []
+    if not _extension.extension_loaded():
+        raise RuntimeError(f"the autograd of {fwd_name} is in the C++ extension, which is not loaded: "
+                           f"{_extension.LOAD_ERROR}")
+    if isinstance(bwd_op, str):
+        bwd_name = bwd_op
+    elif isinstance(bwd_op, torch._ops.OpOverloadPacket):
+        bwd_name = bwd_op._qualified_op_name
+    else:
+        bwd_name = bwd_op._schema.name
+    _extension._C.register_autograd(fwd_name, bwd_name)
 
 
 def register_ops(fwd_name: str, bwd_name: str) -> None:
@@ -159,12 +110,12 @@ def register_ops(fwd_name: str, bwd_name: str) -> None:
 
 
 def _register_cpp_ops() -> bool:
-    """Fake kernels and autograd of the C++ ops; False when the extension is not built."""
+    """Fake kernels of the C++ ops (their autograd is registered with them, in C++); False when
+    the extension is not built."""
     if not _extension.extension_loaded() or not hasattr(torch.ops.dsnt_cuda, "dsnt_fwd"):
         return False
     torch.library.register_fake("dsnt_cuda::dsnt_fwd")(dsnt_fwd_fake)
     torch.library.register_fake("dsnt_cuda::dsnt_bwd")(dsnt_bwd_fake)
-    register_op_pair("dsnt_cuda::dsnt_fwd", torch.ops.dsnt_cuda.dsnt_bwd.default)
     return True
 
 

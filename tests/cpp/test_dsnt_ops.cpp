@@ -3,6 +3,7 @@
 // non-zero if any check fails.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -152,6 +153,27 @@ void test_training_loss() {
          "target gradient (regularizer + coordinate loss) matches a finite difference");
 }
 
+// The library's autograd (csrc/dsnt_autograd.cpp): the loss's gradient through autograd equals
+// the backward op's, for the logits and the target.
+void test_autograd() {
+  auto fwd = fwd_op();
+  auto bwd = bwd_op();
+  at::manual_seed(5);
+  const Tensor z = at::randn({2, 3, 7, 5}, at::kDouble).requires_grad_(true);
+  const Tensor t = (at::rand({2, 3, 2}, at::kDouble) * 1.6 - 0.8).requires_grad_(true);
+  auto [c, v, r, cl, loss, s] = fwd.call(z, t, std::nullopt, std::nullopt, std::nullopt, "softmax", 1.0, true,
+                                         "js", 1.0, "euclidean", 1.0);
+  expect(loss.requires_grad() && !s.requires_grad(), "loss differentiable, stats not");
+  const auto grads = torch::autograd::grad({loss}, {z, t});
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto [gl, gt, gb] =
+      bwd.call(std::nullopt, std::nullopt, std::nullopt, std::nullopt, at::ones({}, at::kDouble), z.detach(),
+               t.detach(), std::nullopt, std::nullopt, std::nullopt, c.detach(), v.detach(), s, "softmax",
+               1.0, true, "js", 1.0, "euclidean", 1.0, true, false);
+  expect(close(grads[0], gl, 1e-14) && close(grads[1], gt, 1e-14),
+         "autograd's gradient is the backward op's");
+}
+
 void test_per_map_beta() {
   auto fwd = fwd_op();
   auto bwd = bwd_op();
@@ -220,6 +242,7 @@ int main() {
     test_peaked_maps();
     test_uniform_maps();
     test_training_loss();
+    test_autograd();
     test_per_map_beta();
     test_bad_inputs();
   } catch (const std::exception& e) {
