@@ -201,6 +201,18 @@ def test_unavailable_backend_raises_a_clear_error():
     assert "reference" in dsnt_cuda.available_backends() and "auto" in dsnt_cuda.available_backends()
 
 
+def test_triton_needs_the_extension_for_its_autograd(monkeypatch):
+    # The fused ops' one autograd registration is in the C++ extension (csrc/dsnt_autograd.cpp).
+    from dsnt_cuda import _extension, ops
+
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(backends, "_triton_installed", lambda: True)
+    reason = backends.backend_unavailable_reason("triton")
+    assert reason is not None and "autograd is in the C++ extension" in reason
+    with pytest.raises(RuntimeError, match="is in the C\\+\\+ extension, which is not loaded"):
+        ops.register_op_pair("dsnt_cuda::dsnt_fwd_triton", "dsnt_cuda::dsnt_bwd_triton")
+
+
 def test_build_info_and_version():
     info = dsnt_cuda.build_info()
     assert isinstance(info["extension"], bool)
