@@ -80,23 +80,16 @@ def dsnt_bwd_fake(grad_coords, grad_variance, grad_reg_losses, grad_coord_losses
     return grad_logits, grad_target, grad_beta
 
 
-def register_op_pair(fwd_name: str, bwd_op) -> None:
-    """Autograd for a forward op with dsnt_fwd's schema (its fake kernel is registered apart).
-
-    `fwd_name` is the qualified name ("dsnt_cuda::dsnt_fwd_triton"); `bwd_op` the matching
-    backward op (schema of dsnt_bwd): its qualified name, or the op itself. Differentiable
-    inputs: logits, target, beta_map. The kernel is the C++ one of every fused pair
-    (csrc/dsnt_autograd.cpp): a Python autograd.Function cost ~40 us a training step.
+def register_op_pair(fwd_name: str, bwd_name: str) -> None:
+    """Autograd for a forward op with dsnt_fwd's schema (its fake kernel is registered apart),
+    by qualified names ("dsnt_cuda::dsnt_fwd_triton", "dsnt_cuda::dsnt_bwd_triton"): the backward
+    op has dsnt_bwd's schema. Differentiable inputs: logits, target, beta_map. The kernel is the
+    C++ one of every fused pair (csrc/dsnt_autograd.cpp): a Python autograd.Function cost ~40 us a
+    training step.
     """
     if not _extension.extension_loaded():
         raise RuntimeError(f"the autograd of {fwd_name} is in the C++ extension, which is not loaded: "
                            f"{_extension.LOAD_ERROR}")
-    if isinstance(bwd_op, str):
-        bwd_name = bwd_op
-    elif isinstance(bwd_op, torch._ops.OpOverloadPacket):
-        bwd_name = bwd_op._qualified_op_name
-    else:
-        bwd_name = bwd_op._schema.name
     _extension._C.register_autograd(fwd_name, bwd_name)
 
 
@@ -105,8 +98,7 @@ def register_ops(fwd_name: str, bwd_name: str) -> None:
     qualified names ("dsnt_cuda::dsnt_fwd_triton", "dsnt_cuda::dsnt_bwd_triton")."""
     torch.library.register_fake(fwd_name)(dsnt_fwd_fake)
     torch.library.register_fake(bwd_name)(dsnt_bwd_fake)
-    namespace, name = bwd_name.split("::")
-    register_op_pair(fwd_name, getattr(getattr(torch.ops, namespace), name).default)
+    register_op_pair(fwd_name, bwd_name)
 
 
 def _register_cpp_ops() -> bool:

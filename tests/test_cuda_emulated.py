@@ -45,7 +45,7 @@ def emu():
     if not hasattr(emu, "autograd"):  # the package's one autograd registration, once a process
         from dsnt_cuda.ops import register_op_pair
 
-        register_op_pair("dsnt_emu::dsnt_fwd", ops.dsnt_bwd)
+        register_op_pair("dsnt_emu::dsnt_fwd", "dsnt_emu::dsnt_bwd")
         emu.autograd = True
     return ops
 

@@ -145,34 +145,34 @@ struct Moments {
   T ubar, var;
 };
 
-// ubar = sum m u / denom and var = sum m (u - ubar)^2 / denom from a marginal m of an axis,
-// weights scaled as p = (w pre) / scaled_denom; in double (O(S) per axis), var about the ubar
-// that stats keep (the backward's variance gradient assumes it). Four independent sums, lane l
-// taking j = l mod 4: a chain of dependent double adds would set the pace, and four locals in a
+// The sum of term(j) over j < S as four independent sums, lane l taking j = l mod 4, added in
+// that order: a chain of dependent double adds would set the pace, and four locals in a
 // fixed-trip inner loop stay in registers (the compiler packs them into one vector; indexed by
 // j & 3 they went through memory, a third of the forward's per-map work on 16x16 maps).
-template <typename T>
-inline Moments<T> axis_moments(const T* m, const T* u, int64_t S, T pre, T scaled_denom) {
-  double s1[4] = {0, 0, 0, 0};
+template <typename Term>
+inline double sum_in_four(int64_t S, const Term& term) {
+  double s[4] = {0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 4 <= S; j += 4) {
-    for (int l = 0; l < 4; ++l) s1[l] += static_cast<double>(m[j + l] * pre) * u[j + l];
+    for (int l = 0; l < 4; ++l) s[l] += term(j + l);
   }
-  for (int l = 0; j + l < S; ++l) s1[l] += static_cast<double>(m[j + l] * pre) * u[j + l];
-  const T ubar = static_cast<T>((s1[0] + s1[1] + s1[2] + s1[3]) / scaled_denom);
-  const double ubar_d = ubar;
-  double s2[4] = {0, 0, 0, 0};
-  for (j = 0; j + 4 <= S; j += 4) {
-    for (int l = 0; l < 4; ++l) {
-      const double d = static_cast<double>(u[j + l]) - ubar_d;
-      s2[l] += static_cast<double>(m[j + l] * pre) * d * d;
-    }
-  }
-  for (int l = 0; j + l < S; ++l) {
-    const double d = static_cast<double>(u[j + l]) - ubar_d;
-    s2[l] += static_cast<double>(m[j + l] * pre) * d * d;
-  }
-  return {ubar, static_cast<T>((s2[0] + s2[1] + s2[2] + s2[3]) / scaled_denom)};
+  for (int l = 0; j + l < S; ++l) s[l] += term(j + l);
+  return s[0] + s[1] + s[2] + s[3];
+}
+
+// ubar = sum m u / denom and var = sum m (u - ubar)^2 / denom from a marginal m of an axis,
+// weights scaled as p = (w pre) / scaled_denom; in double (O(S) per axis), var about the ubar
+// that stats keep (the backward's variance gradient assumes it).
+template <typename T>
+inline Moments<T> axis_moments(const T* m, const T* u, int64_t S, T pre, T scaled_denom) {
+  const T ubar = static_cast<T>(
+      sum_in_four(S, [&](int64_t j) { return static_cast<double>(m[j] * pre) * u[j]; }) / scaled_denom);
+  const double centre = ubar;
+  const double centred = sum_in_four(S, [&](int64_t j) {
+    const double d = static_cast<double>(u[j]) - centre;
+    return static_cast<double>(m[j] * pre) * d * d;
+  });
+  return {ubar, static_cast<T>(centred / scaled_denom)};
 }
 
 // Pass 4: sums of add_js_terms (kJS) or add_kl_terms over the map, log2 units; per row, then
