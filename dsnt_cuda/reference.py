@@ -87,6 +87,9 @@ def normalize(logits: torch.Tensor, normalization: str = "softmax", beta=1.0) ->
 
     - softmax: p = softmax(beta * z) over the spatial dims, formed as beta * (z - max z) (beta * z
       alone overflows for a large beta). `beta` is a float or a tensor broadcastable to (B, L).
+      A -inf logit's z - max z is the lowest finite value: it keeps p = 0 and no gradient, and
+      adds 0 to beta's gradient (its p is 0 for every beta), where autograd would form
+      0 * (-inf) = NaN. A map with a NaN or +inf logit, or only -inf ones, is NaN (as softmax).
     - abs / relu / sigmoid: p = r(z) / sum r(z). A map whose rectified sum is exactly 0 (an
       all-non-positive relu map, an all-zero abs map) has no direction to prefer: it becomes the
       uniform map 1/N, with zero gradient, instead of 0/0 = NaN. A NaN sum stays NaN.
@@ -95,7 +98,10 @@ def normalize(logits: torch.Tensor, normalization: str = "softmax", beta=1.0) ->
     z = logits.to(accumulation_dtype(logits.dtype)).flatten(2)
     if normalization == "softmax":
         shift = z.detach().amax(-1, keepdim=True)
-        p = torch.softmax(per_map(beta, logits) * (z - shift), dim=-1)
+        # a -inf logit of a map with a finite max (not a NaN map, which stays NaN everywhere)
+        floored = (z == -math.inf) & shift.isfinite()
+        centred = torch.where(floored, torch.finfo(z.dtype).min, z - shift)
+        p = torch.softmax(per_map(beta, logits) * centred, dim=-1)
     elif normalization == "none":
         p = z
     else:

@@ -64,19 +64,24 @@ def test_special_minus_inf_and_all_minus_inf_softmax(dtype):
         assert (grads[0][0, 1, :2] == 0).all() and outs[0][1, 1].isnan().all()
 
 
-def test_special_beta_gradient_with_minus_inf_logits():
-    """-inf logits add 0 to the beta gradient (their p is 0 for every beta); the reference's
-    autograd gives 0 * -inf = NaN there, so it is compared on the same map with the -inf logits
-    replaced by -1e4, whose p is 0 too."""
+@pytest.mark.parametrize("beta_kind", ["scalar", "map"])
+def test_special_beta_gradient_with_minus_inf_logits(beta_kind):
+    """-inf logits add 0 to the beta gradient (their p is 0 for every beta), in the kernels and
+    in the reference (which floors z - max z so that autograd does not form 0 * -inf = NaN); the
+    same map with the -inf logits replaced by -1e4, whose p is 0 too, gives the same gradients."""
     case = make_case((2, 2, 5, 6), "softmax", "js", dtype=torch.float64, coord_loss="euclidean",
-                     beta_kind="map", seed=53)
+                     beta_kind=beta_kind, seed=53)
     z = case.logits.clone()
     z[0, 1, :2] = -math.inf
     _, grads = run_ops(FWD, BWD, replace(case, logits=z))
+    reference = reference_backward(replace(case, logits=z))
     finite = z.clone()
     finite[0, 1, :2] = -1e4
-    expected = reference_backward(replace(case, logits=finite))[2]
-    torch.testing.assert_close(grads[2], expected, rtol=1e-12, atol=1e-12)
+    expected = reference_backward(replace(case, logits=finite))
+    for got in (grads, reference):
+        assert (got[0][0, 1, :2] == 0).all()
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[2], expected[2], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

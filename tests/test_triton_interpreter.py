@@ -136,7 +136,6 @@ def test_special_maps(request, path):
     assert (grads[0][0, 1] == 0).all() and grads[0][0, 2].isnan().any()
     assert outs[0][0, [0, 1, 3]].isfinite().all() and outs[4].isnan()
 
-    # (a float beta: the reference's beta gradient is NaN with -inf logits, (-inf) * 0; ours is 0)
     case = make_case((1, 3, 5, 6), "softmax", "kl")
     z = case.logits.clone()
     z[0, 0, :2] = float("-inf")
