@@ -99,6 +99,29 @@ def test_1d_and_3d_maps(emu, size_class, shape, cls):
     check(emu, support.make_case(shape, "softmax", "js", coord_loss="l1", sigma_t=6.0), str(shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalization, reg", [("softmax", "js"), ("sigmoid", "kl")],
+                         ids=["softmax-js", "sigmoid-kl"])
+@pytest.mark.parametrize("shape", [(1, 1, 2100, 4), (1, 2, 5, 300, 8)], ids=str)
+def test_streamed_over_several_tiles(emu, size_class, shape, normalization, reg, dtype):
+    """Maps of more rows than one tile of the streamed forward holds (512 threads of 16 elements:
+    2048 rows of 4, 1024 of 8): the prefetch of the next tile, the running max rescaled between
+    tiles, and each thread's walk over its rows from tile to tile, y wrapping into z at rows
+    that no tile boundary meets (300 rows of 5 planes, 256 or 128 rows a tile), a last tile
+    that only some threads reach. Softmax + JS runs the standard-loss kernel (float32,
+    bfloat16). Also with rows padded in memory (each y plane 3 rows longer than the map): z then
+    does not follow y in the layout, and a y that wraps must step the offset by the z stride."""
+    size_class("streamed")
+    case = support.make_case(shape, normalization, reg, dtype=dtype, coord_loss="euclidean", mask=True,
+                             sigma_t=6.0)
+    check(emu, case, f"{shape}-{normalization}-{reg}-{dtype}")
+    padded = torch.full((*shape[:-2], shape[-2] + 3, shape[-1]), float("nan"), dtype=case.logits.dtype)
+    padded[..., : shape[-2], :] = case.logits
+    rows_apart = padded[..., : shape[-2], :]
+    assert rows_apart.stride(-3) != shape[-2] * shape[-1]
+    check(emu, replace(case, logits=rows_apart), f"{shape}-{normalization}-{reg}-{dtype} padded rows")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls", classes())
 def test_dtypes(emu, size_class, cls, dtype):

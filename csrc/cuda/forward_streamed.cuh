@@ -18,13 +18,13 @@ namespace dsnt_cuda {
 template <typename scalar_t>
 constexpr int kStreamedChunks = kChunksPerThread<scalar_t, TileKind::Streamed>;
 
-// The record of virtual row v, computed (the rows of a streamed map may not fit a table).
-// kOneSeg: every row is one virtual row (the standard kernel's layouts, host_common.cuh).
-template <bool kOneSeg, typename T>
+// The record of virtual row v, computed (the rows of a streamed map may not fit a table): the
+// general kernel's, whose rows may have several segments.
+template <typename T>
 DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowMemory& rm) {
   const bool live = v < L.vrows;
   uint32_t row = static_cast<uint32_t>(live ? v : 0), seg = 0, y, z;
-  if (!kOneSeg) L.segs_div.divmod(row, row, seg);
+  L.segs_div.divmod(row, row, seg);
   L.size_y_div.divmod(row, z, y);
   const int x0 = static_cast<int>(seg) * L.row_width;
   rc.xoff = static_cast<T>(x0) - centred_offset<T>(L.size[0]);
@@ -38,7 +38,83 @@ DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowM
   rm.pad_ = 0;
 }
 
-// kStandard: the standard loss's modes (softmax + JS) known at compile time.
+// A thread's rows in the standard kernel (every row one virtual row, host_common.cuh): chunk c
+// of tile t is row vr + (t C + c) tile_rows, so each chunk's row is tile_rows rows after the
+// one before. Its memory offset and its centred u_y, u_z follow by additions, with at most one
+// carry of y into z (streamed_record divides twice per chunk, in the load and again in the
+// pass). A walk feeds either the loads (offset, y) or the passes (u_y, u_z); the compiler drops
+// the fields a walk's user never reads. The sums of u_y, u_z are exact wherever the direct
+// form y - (S_y - 1) / 2 is (|u| < 2^23 in float).
+template <typename T>
+struct RowWalk {
+  int v;       // the row (v >= vrows: beyond the map)
+  int y;       // its y
+  int offset;  // y stride_y + z stride_z (< 2^31, host.cu)
+  T uy, uz;    // its centred y, z
+};
+
+// One step of a walk: tile_rows rows, i.e. dz planes and dy rows (uy, uz: the same in T), and
+// their offset; `carry` is the offset of a y that passed S_y into the next z, `uy_last` the
+// largest u_y.
+template <typename T>
+struct RowStep {
+  int rows, dy, offset, carry;
+  T uy, uz, size_y, uy_last;
+};
+
+template <typename T>
+DSNT_DEV RowStep<T> row_step_of(const TileLayout& L) {
+  uint32_t dz, dy;
+  L.size_y_div.divmod(static_cast<uint32_t>(L.tile_rows), dz, dy);
+  const int y = static_cast<int>(dy), z = static_cast<int>(dz);
+  return {L.tile_rows,
+          y,
+          static_cast<int>(y * L.stride_y + z * L.stride_z),
+          static_cast<int>(L.stride_z - L.size[1] * L.stride_y),
+          static_cast<T>(y),
+          static_cast<T>(z),
+          static_cast<T>(L.size[1]),
+          centred_offset<T>(L.size[1])};
+}
+
+// The walk of the thread in virtual row vr of a tile (none: a thread outside the tile's rows).
+template <typename T>
+DSNT_DEV RowWalk<T> row_walk_start(const TileLayout& L, int vr, bool in_tile) {
+  uint32_t z, y;
+  L.size_y_div.divmod(static_cast<uint32_t>(in_tile ? vr : 0), z, y);
+  const int yi = static_cast<int>(y), zi = static_cast<int>(z);
+  return {in_tile ? vr : L.vrows, yi, static_cast<int>(yi * L.stride_y + zi * L.stride_z),
+          static_cast<T>(yi) - centred_offset<T>(L.size[1]),
+          static_cast<T>(zi) - centred_offset<T>(L.size[2])};
+}
+
+template <typename T>
+DSNT_DEV void advance(RowWalk<T>& w, const RowStep<T>& s, int size_y) {
+  w.v += s.rows;
+  w.y += s.dy;
+  w.offset += s.offset;
+  if (w.y >= size_y) {
+    w.y -= size_y;
+    w.offset += s.carry;
+  }
+  w.uy += s.uy;
+  w.uz += s.uz;
+  if (w.uy > s.uy_last) {
+    w.uy -= s.size_y;
+    w.uz += T(1);
+  }
+}
+
+// What the loads need of the walk's row: a row beyond the map reads nothing.
+template <typename T>
+DSNT_DEV RowMemory walk_memory(const RowWalk<T>& w, const TileLayout& L) {
+  const bool live = w.v < L.vrows;
+  return {live ? w.offset : 0, live ? L.size[0] : 0, 0, 0};
+}
+
+// kStandard: the standard loss's modes (softmax + JS) known at compile time; a thread's x is
+// then the same in every chunk (x moments and variance per map, from per-column sums, as the
+// on-chip standard kernels) and its rows are walked (RowWalk).
 template <typename scalar_t, bool kStandard>
 __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs<scalar_t> a) {
   using T = acc_t<scalar_t>;
@@ -59,6 +135,32 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
   auto vrow = [&](int tile, int c) {
     return in_tile ? tile * L.slice_vrows + vr + c * L.tile_rows : L.vrows;
   };
+  // standard: the walks' step, and the u of every row's first x
+  const RowStep<T> step = kStandard ? row_step_of<T>(L) : RowStep<T>{};
+  const T x0 = ux_t - centred_offset<T>(L.size[0]);  // standard: the thread's first u_x
+
+  // Chunk c of `tile`: its memory record, and its coordinates; standard: the walk's row, and
+  // the walk steps on.
+  auto chunk_memory = [&](int tile, int c, RowWalk<T>& w) {
+    RowMemory rm;
+    if constexpr (kStandard) {
+      rm = walk_memory(w, L);
+      advance(w, step, L.size[1]);
+    } else {
+      RowCoords<T> rc;
+      streamed_record(L, vrow(tile, c), rc, rm);
+    }
+    return rm;
+  };
+  auto chunk_coords = [&](int tile, int c, RowWalk<T>& w, RowCoords<T>& rc, RowMemory& rm) {
+    if constexpr (kStandard) {
+      rc = RowCoords<T>{w.uy, w.uz, x0, 0};
+      rm = walk_memory(w, L);
+      advance(w, step, L.size[1]);
+    } else {
+      streamed_record(L, vrow(tile, c), rc, rm);
+    }
+  };
 
   const OutputArgs<T> out = output_args(a);  // its per-axis divisions once, not per map
   for (int m = blockIdx.x; m < a.maps; m += gridDim.x) {
@@ -68,13 +170,11 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     const bool vec = L.whole_chunks && aligned16(map);
     const scalar_t pad = (softmax || md.norm() == Normalization::Sigmoid) ? neg_inf<scalar_t>() : scalar_t(0);
     const T bl = per_map_value(a.beta, b, l) * T(kLog2e);
+    RowWalk<T> ahead, at;  // standard: the rows of the next load, of the next chunk processed
     auto load = [&](int tile, RegisterTile<T, C, V>& dst) {
       RowMemory rows[C];  // this thread's records of the tile
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        RowCoords<T> rc;
-        streamed_record<kStandard>(L, vrow(tile, c), rc, rows[c]);
-      }
+      for (int c = 0; c < C; ++c) rows[c] = chunk_memory(tile, c, ahead);
       load_tile<scalar_t, C>(dst, map, rows, 0, 1, x_t, L.stride_x, vec, pad);
     };
 
@@ -93,6 +193,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       for (int i = 0; i < 3; ++i) s4[i] *= f;
     };
     RegisterTile<T, C, V> cur, next;
+    ahead = at = kStandard ? row_walk_start<T>(L, vr, in_tile) : RowWalk<T>{};  // not kept: registers
     load(0, cur);
     for (int tile = 0; tile < tiles; ++tile) {
       if (tile + 1 < tiles) load(tile + 1, next);
@@ -109,15 +210,14 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           run = fresh;
         }
       }
-      if (!softmax || run != neg_inf<T>()) {
+      const bool weigh = !softmax || run != neg_inf<T>();
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-          RowCoords<T> rc;
-          RowMemory rm;
-          streamed_record<kStandard>(L, vrow(tile, c), rc, rm);
-          T pc;
-          weigh_chunk<false>(md, cur.get(c), run, bl, rc, ek, s4, pc);
-        }
+      for (int c = 0; c < C; ++c) {
+        RowCoords<T> rc;
+        RowMemory rm;
+        chunk_coords(tile, c, at, rc, rm);
+        T pc;
+        if (weigh) weigh_chunk<kStandard>(md, cur.get(c), run, bl, rc, ek, s4, pc);
       }
       cur = next;
     }
@@ -141,21 +241,26 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
         }
       }
     }
-    FirstMoments<T> f = reduce_first_moments(md, g, ek, s4, ux_t, part, axes, shift, L.dims, div);
+    FirstMoments<T> f =
+        reduce_first_moments(md, g, ek, s4, kStandard ? x0 : ux_t, part, axes, shift, L.dims, div);
     const MapSums<T>& ms = f.ms;
 
     // ---- pass B
     const SecondPass<T, M> sp = second_pass_of(md, f, bl, L.map_size, div, scaled_js);
     const T q_scale = q_scale_of(f, scaled_js);
     T r3[5] = {T(0), T(0), T(0), T(0), T(0)};
-    Vals<T, V> xg_t{}, xl_t{};  // standard: a thread's x is the same in every chunk, its factors once
-    if (kStandard && div) {
+    Vals<T, V> gx{};  // standard: the thread's x factors g~_x q_scale, once per map
+    if constexpr (kStandard) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        if (x_t + k < L.size[0])
-          target_entry(axes[0], ux_t + T(k) - centred_offset<T>(L.size[0]), xg_t.v[k], xl_t.v[k]);
+      for (int k = 0; k < V; ++k) {  // x variance: per column, from pass A's sums of e
+        const T d = x0 + T(k) - ms.ubar[0];
+        r3[0] += d * d * ek[k];
+        T lx;
+        if (x_t + k < L.size[0]) target_entry(axes[0], x0 + T(k), gx.v[k], lx);
+        gx.v[k] *= q_scale;
       }
     }
+    ahead = at = kStandard ? row_walk_start<T>(L, vr, in_tile) : RowWalk<T>{};  // not kept: registers
     load(0, cur);
     for (int tile = 0; tile < tiles; ++tile) {
       if (tile + 1 < tiles) load(tile + 1, next);
@@ -163,34 +268,45 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       for (int c = 0; c < C; ++c) {
         RowCoords<T> rc;
         RowMemory rm;
-        streamed_record<kStandard>(L, vrow(tile, c), rc, rm);
+        chunk_coords(tile, c, at, rc, rm);
         const Vals<T, V> x = cur.get(c);
-        Vals<T, V> w = x, xg{}, xl{};
-        T row_q = T(0), row_l = T(0);
-        if (div) {
+        if constexpr (kStandard) {
           T gy, ly, gz, lz;
           target_entry(axes[1], rc.uy, gy, ly);
           target_entry(axes[2], rc.uz, gz, lz);
-          row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
-          row_l = ly + lz - f.tn.log2_norm;
-          if (kStandard) {
-            xg = xg_t;
-            xl = xl_t;
-          } else {
+          const T row_q = rm.xcount > 0 ? gy * gz : T(0);  // a row beyond the map sees no target
+          Vals<T, V> e;
+          T pc = T(0);
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            e.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+            pc += e.v[k];
+          }
+          second_moments_standard(e, rc, ms.ubar, gx, row_q, pc, r3);
+        } else {
+          Vals<T, V> xg{}, xl{};
+          T row_q = T(0), row_l = T(0);
+          if (div) {
+            T gy, ly, gz, lz;
+            target_entry(axes[1], rc.uy, gy, ly);
+            target_entry(axes[2], rc.uz, gz, lz);
+            row_q = rm.xcount > 0 ? gy * gz * q_scale : T(0);  // a padding row sees no target
+            row_l = ly + lz - f.tn.log2_norm;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
               if (rc.xbase + x_t + k < L.size[0])
                 target_entry(axes[0], rc.xoff + ux_t + T(k), xg.v[k], xl.v[k]);
             }
           }
-        }
-        if (scaled_js) {
+          Vals<T, V> w = x;
+          if (scaled_js) {
 #pragma unroll
-          for (int k = 0; k < V; ++k) {
-            w.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+            for (int k = 0; k < V; ++k) {
+              w.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+            }
           }
+          second_moments_chunk<T, V>(sp, x, w, rm.xcount - x_t, rc, ux_t, xg, xl, row_q, row_l, r3);
         }
-        second_moments_chunk<T, V>(sp, x, w, rm.xcount - x_t, rc, ux_t, xg, xl, row_q, row_l, r3);
       }
       cur = next;
     }
