@@ -44,9 +44,11 @@ constexpr int64_t kBlockRows = 8;
 constexpr int64_t kBlockVectors = 8;
 
 // Sums the weights weight_fn(z) of the map (stored into `weights` when kStore): per-row sums,
-// the marginal of every axis (Workspace::marginal) and the total.
+// the marginal of every axis (Workspace::marginal) and the total. weight_fn is taken by value
+// and captures by value: what it reads is then a local the stores to `weights` cannot alias, kept
+// in registers (read through references it was loaded again for every vector).
 template <bool kStore, typename T, typename WeightFn>
-inline T weigh_map(const T* z, Workspace<T>& ws, const WeightFn& weight_fn, T* weights) {
+inline T weigh_map(const T* z, Workspace<T>& ws, const WeightFn weight_fn, T* weights) {
   const Axes<T>& ax = ws.axes;
   const int64_t W = ax.width;
   T* mx = ws.marginal[0].data();
@@ -122,7 +124,7 @@ inline bool normalize_map(const T* z, T beta, Normalization mode, Workspace<T>& 
       const T shift = nm.shift;
       nm.denom = weigh_map<true>(
           z, ws,
-          [&](const Vec<T>& zv)
+          [shift, beta_log2e](const Vec<T>& zv)
               DSNT_INLINE_LAMBDA { return Arith<Vec<T>>::exp2(softmax_log2_weight(zv, shift, beta_log2e)); },
           ws.weight.data());
       break;
@@ -133,7 +135,7 @@ inline bool normalize_map(const T* z, T beta, Normalization mode, Workspace<T>& 
       break;
     default:
       nm.denom = weigh_map<true>(
-          z, ws, [&](const Vec<T>& zv) DSNT_INLINE_LAMBDA { return rectify(zv, mode); }, ws.weight.data());
+          z, ws, [mode](const Vec<T>& zv) DSNT_INLINE_LAMBDA { return rectify(zv, mode); }, ws.weight.data());
       if (nm.denom == T(0)) uniform_weights(ws);
   }
   nm.derive();
