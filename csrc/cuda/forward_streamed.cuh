@@ -47,10 +47,11 @@ DSNT_DEV void streamed_record(const TileLayout& L, int v, RowCoords<T>& rc, RowM
 // form y - (S_y - 1) / 2 is (|u| < 2^23 in float).
 template <typename T>
 struct RowWalk {
-  int v;       // the row (v >= vrows: beyond the map)
-  int y;       // its y
-  int offset;  // y stride_y + z stride_z (< 2^31, host.cu)
-  T uy, uz;    // its centred y, z
+  int v;            // the row (v >= vrows: beyond the map)
+  int y;            // its y
+  uint32_t offset;  // y stride_y + z stride_z: < 2^31 on the map (host_common.cuh); unsigned, so
+                    // that the rows a walk passes beyond the map wrap instead of overflowing
+  T uy, uz;         // its centred y, z
 };
 
 // One step of a walk: tile_rows rows, i.e. dz planes and dy rows (uy, uz: the same in T), and
@@ -58,7 +59,8 @@ struct RowWalk {
 // largest u_y.
 template <typename T>
 struct RowStep {
-  int rows, dy, offset, carry;
+  int rows, dy;
+  uint32_t offset, carry;  // modulo 2^32: a carry may be negative (z stride below S_y y strides)
   T uy, uz, size_y, uy_last;
 };
 
@@ -69,8 +71,8 @@ DSNT_DEV RowStep<T> row_step_of(const TileLayout& L) {
   const int y = static_cast<int>(dy), z = static_cast<int>(dz);
   return {L.tile_rows,
           y,
-          static_cast<int>(y * L.stride_y + z * L.stride_z),
-          static_cast<int>(L.stride_z - L.size[1] * L.stride_y),
+          static_cast<uint32_t>(y * L.stride_y + z * L.stride_z),
+          static_cast<uint32_t>(L.stride_z - L.size[1] * L.stride_y),
           static_cast<T>(y),
           static_cast<T>(z),
           static_cast<T>(L.size[1]),
@@ -83,7 +85,7 @@ DSNT_DEV RowWalk<T> row_walk_start(const TileLayout& L, int vr, bool in_tile) {
   uint32_t z, y;
   L.size_y_div.divmod(static_cast<uint32_t>(in_tile ? vr : 0), z, y);
   const int yi = static_cast<int>(y), zi = static_cast<int>(z);
-  return {in_tile ? vr : L.vrows, yi, static_cast<int>(yi * L.stride_y + zi * L.stride_z),
+  return {in_tile ? vr : L.vrows, yi, static_cast<uint32_t>(yi * L.stride_y + zi * L.stride_z),
           static_cast<T>(yi) - centred_offset<T>(L.size[1]),
           static_cast<T>(zi) - centred_offset<T>(L.size[2])};
 }
@@ -109,7 +111,7 @@ DSNT_DEV void advance(RowWalk<T>& w, const RowStep<T>& s, int size_y) {
 template <typename T>
 DSNT_DEV RowMemory walk_memory(const RowWalk<T>& w, const TileLayout& L) {
   const bool live = w.v < L.vrows;
-  return {live ? w.offset : 0, live ? L.size[0] : 0, 0, 0};
+  return {live ? static_cast<int>(w.offset) : 0, live ? L.size[0] : 0, 0, 0};
 }
 
 // kStandard: the standard loss's modes (softmax + JS) known at compile time; a thread's x is
