@@ -91,6 +91,12 @@ DSNT_DEV void add_generic_divergence(const Weigher<T, M>& wt, T z, T w, T inv_p,
 template <typename T>
 constexpr T kLog2MinNormal = sizeof(T) == 8 ? T(-1022) : T(-126);
 
+// log2 e of the scaled JS path: the softmax log2 weight floored at kLog2MinNormal (NaN kept).
+template <typename T>
+DSNT_DEV T scaled_js_log2_weight(T z, T shift, T bl) {
+  return max_keep_nan(softmax_log2_weight(z, shift, bl), kLog2MinNormal<T>);
+}
+
 // Pass 2 on one chunk: its weights (returned), sum w per column k (ek: the x moments follow per
 // map, x being the thread's own), and its share of s = {sum w x_offset, sum w u_y, sum w u_z,
 // sum e a} (kFixedX: the x offset is the same in every chunk and is added per map).
@@ -106,7 +112,7 @@ DSNT_DEV Vals<T, V> weigh_chunk(const M& md, const Vals<T, V>& x, T shift, T bl,
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     if (md.softmax_js()) {
-      const T l2w = max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>);
+      const T l2w = scaled_js_log2_weight(x.v[k], shift, bl);
       w.v[k] = A::exp2(l2w);
       s[3] += w.v[k] * l2w;
     } else if (md.softmax()) {

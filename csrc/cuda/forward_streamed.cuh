@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           T pc = T(0);
 #pragma unroll
           for (int k = 0; k < V; ++k) {
-            e.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+            e.v[k] = A::exp2(scaled_js_log2_weight(x.v[k], shift, bl));
             pc += e.v[k];
           }
           second_moments_standard(e, rc, ms.ubar, gx, row_q, pc, r3);
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
           if (scaled_js) {
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-              w.v[k] = A::exp2(max_keep_nan(softmax_log2_weight(x.v[k], shift, bl), kLog2MinNormal<T>));
+              w.v[k] = A::exp2(scaled_js_log2_weight(x.v[k], shift, bl));
             }
           }
           second_moments_chunk<T, V>(sp, x, w, rm.xcount - x_t, rc, ux_t, xg, xl, row_q, row_l, r3);
