@@ -141,20 +141,9 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
   const RowStep<T> step = kStandard ? row_step_of<T>(L) : RowStep<T>{};
   const T x0 = ux_t - centred_offset<T>(L.size[0]);  // standard: the thread's first u_x
 
-  // Chunk c of `tile`: its memory record, and its coordinates; standard: the walk's row, and
-  // the walk steps on.
-  auto chunk_memory = [&](int tile, int c, RowWalk<T>& w) {
-    RowMemory rm;
-    if constexpr (kStandard) {
-      rm = walk_memory(w, L);
-      advance(w, step, L.size[1]);
-    } else {
-      RowCoords<T> rc;
-      streamed_record(L, vrow(tile, c), rc, rm);
-    }
-    return rm;
-  };
-  auto chunk_coords = [&](int tile, int c, RowWalk<T>& w, RowCoords<T>& rc, RowMemory& rm) {
+  // Chunk c of `tile`: its coordinates and memory record; standard: the walk's row, and the
+  // walk steps on (the loads' walk leaves its coordinates unread: the compiler drops them).
+  auto chunk_record = [&](int tile, int c, RowWalk<T>& w, RowCoords<T>& rc, RowMemory& rm) {
     if constexpr (kStandard) {
       rc = RowCoords<T>{w.uy, w.uz, x0, 0};
       rm = walk_memory(w, L);
@@ -176,7 +165,12 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
     auto load = [&](int tile, RegisterTile<T, C, V>& dst) {
       RowMemory rows[C];  // this thread's records of the tile
 #pragma unroll
-      for (int c = 0; c < C; ++c) rows[c] = chunk_memory(tile, c, ahead);
+      for (int c = 0; c < C; ++c) {
+        RowCoords<T> rc;
+        RowMemory rm;
+        chunk_record(tile, c, ahead, rc, rm);
+        rows[c] = rm;
+      }
       load_tile<scalar_t, C>(dst, map, rows, 0, 1, x_t, L.stride_x, vec, pad);
     };
 
@@ -217,7 +211,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       for (int c = 0; c < C; ++c) {
         RowCoords<T> rc;
         RowMemory rm;
-        chunk_coords(tile, c, at, rc, rm);
+        chunk_record(tile, c, at, rc, rm);
         T pc;
         if (weigh) weigh_chunk<kStandard>(md, cur.get(c), run, bl, rc, ek, s4, pc);
       }
@@ -270,7 +264,7 @@ __global__ void __launch_bounds__(512, 2) dsnt_fwd_streamed_kernel(const FwdArgs
       for (int c = 0; c < C; ++c) {
         RowCoords<T> rc;
         RowMemory rm;
-        chunk_coords(tile, c, at, rc, rm);
+        chunk_record(tile, c, at, rc, rm);
         const Vals<T, V> x = cur.get(c);
         if constexpr (kStandard) {
           T gy, ly, gz, lz;
